@@ -1,0 +1,1 @@
+"""Data loaders and generated tasks (installed as ``plstm_graph.datasets``)."""

@@ -1,0 +1,21 @@
+"""DAG compilation: validation, orientation, line graph, D-mode multitree, level schedule, batching.
+
+Importable with torch alone; the PyG batching helpers are loaded on first use.
+"""
+from .compile import compile_dag, orient_undirected
+from .schedule import DAGSchedule
+
+__all__ = [
+    "compile_dag", "orient_undirected", "DAGSchedule",
+    "DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key",
+]
+
+_LAZY = {"DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import batching
+
+        return getattr(batching, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

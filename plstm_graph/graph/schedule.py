@@ -1,0 +1,177 @@
+"""The schedule record: everything an operator needs to run pLSTM on a DAG, computed once.
+
+A :class:`DAGSchedule` is produced by :func:`plstm_graph.compile_dag` (or rebuilt from a PyG batch by
+:func:`plstm_graph.graph.schedule_from_batch`) and is the only thing that travels from data to operator.
+It is immutable; ``.to(device)`` returns a copy on another device.
+
+Index conventions (SPEC section 1):
+
+* ``edge_index[:, e] = (u, w)`` is the DAG edge ``e: u -> w`` (tail ``u``, head ``w``).
+* ``line_index[:, l] = (a, b)`` is the line edge carrying the cell state of edge ``a`` into edge ``b``
+  through the shared node ``head(a) == tail(b)``.
+* ``node_level[n]`` is the length of the longest path ending at ``n``. Edge ``b`` runs at level
+  ``node_level[tail(b)]``; every line edge ``(a, b)`` therefore goes from a lower level to a higher one,
+  so all edges of one level can be updated together.
+
+Derived "plan" arrays (sorted orders and level pointers) are built in the constructor, i.e. at
+compile / collate time, never inside ``forward``. Level pointers are kept as Python tuples so that a GPU
+backend can slice without a device synchronisation.
+
+Offsets when graphs are batched as a disjoint union (PyG style): ``edge_index`` rows by the number of
+nodes, ``line_index`` rows by the number of edges, ``node_level`` not at all (level ``k`` of every graph
+runs together), ``graph_id`` by the number of graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["DAGSchedule"]
+
+
+def _ptr_from_sorted(keys_sorted: torch.Tensor, num_bins: int) -> Tuple[int, ...]:
+    counts = torch.bincount(keys_sorted, minlength=num_bins) if keys_sorted.numel() else torch.zeros(
+        num_bins, dtype=torch.long
+    )
+    ptr = torch.zeros(num_bins + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return tuple(int(x) for x in ptr.tolist())
+
+
+@dataclass(frozen=True, eq=False)
+class DAGSchedule:
+    """Compiled, immutable schedule of a DAG (or a disjoint union of DAGs).
+
+    Attributes:
+        edge_index: ``[2, E]`` long, the (oriented) DAG edges; row 0 tails, row 1 heads.
+        line_index: ``[2, L]`` long, line edges ``(a, b)`` as edge ids.
+        node_level: ``[N]`` long, longest-path depth of each node.
+        num_nodes: ``N``.
+        mode: ``"P"`` (every line edge) or ``"D"`` (line graph pruned to a multitree).
+        reversed: whether this is the schedule of the reversed DAG of the one given by the user.
+        graph_id: ``[N]`` long, which graph (weakly connected component, or batch member) each node is in.
+        num_graphs: number of graphs in ``graph_id``.
+        input_edge_ids: ``[E]`` long or ``None``; for oriented undirected input, the column of the user's
+            ``edge_index`` each oriented edge came from (so edge features can be gathered).
+
+    Derived (plan) attributes, built on construction:
+        num_levels, edge_level ``[E]``, edge_order / edge_ptr (edges sorted by level),
+        line_order_b / line_ptr_b (line edges grouped by the level of ``b``: the forward sweep),
+        line_order_a / line_ptr_a (line edges grouped by the level of ``a``: the backward sweep),
+        edge_graph ``[E]``.
+
+    Example:
+        >>> import torch, plstm_graph
+        >>> s = plstm_graph.compile_dag(torch.tensor([[0, 1], [1, 2]]), num_nodes=3)
+        >>> s.line_index.tolist(), s.num_levels
+        ([[0], [1]], 3)
+    """
+
+    edge_index: torch.Tensor
+    line_index: torch.Tensor
+    node_level: torch.Tensor
+    num_nodes: int
+    mode: str = "P"
+    reversed: bool = False
+    graph_id: Optional[torch.Tensor] = None
+    num_graphs: int = 1
+    input_edge_ids: Optional[torch.Tensor] = None
+    # plan, filled in __post_init__
+    num_levels: int = field(init=False)
+    edge_level: torch.Tensor = field(init=False)
+    edge_order: torch.Tensor = field(init=False)
+    edge_ptr: Tuple[int, ...] = field(init=False)
+    line_order_b: torch.Tensor = field(init=False)
+    line_ptr_b: Tuple[int, ...] = field(init=False)
+    line_order_a: torch.Tensor = field(init=False)
+    line_ptr_a: Tuple[int, ...] = field(init=False)
+    edge_graph: torch.Tensor = field(init=False)
+    # backend-specific derived data (e.g. the dense layout of the "parallel" backend), filled on first use
+    cache: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "cache", {})
+        device = self.edge_index.device
+        n = int(self.num_nodes)
+        set_(self, "num_nodes", n)
+        if self.mode not in ("P", "D"):
+            raise ValueError(f"mode must be 'P' or 'D', got {self.mode!r}")
+        gid = self.graph_id
+        if gid is None:
+            gid = torch.zeros(n, dtype=torch.long, device=device)
+            set_(self, "graph_id", gid)
+        node_level_cpu = self.node_level.cpu()
+        num_levels = int(node_level_cpu.max()) + 1 if n > 0 else 0
+        set_(self, "num_levels", num_levels)
+        tails = self.edge_index[0]
+        edge_level = self.node_level[tails]
+        set_(self, "edge_level", edge_level)
+        set_(self, "edge_graph", gid[tails] if tails.numel() else torch.zeros(0, dtype=torch.long, device=device))
+        # Plans are computed on the CPU; stable sorts keep edge-id order within a level (deterministic).
+        el = edge_level.cpu()
+        order = torch.sort(el, stable=True).indices
+        set_(self, "edge_order", order.to(device))
+        set_(self, "edge_ptr", _ptr_from_sorted(el[order], num_levels))
+        li = self.line_index.cpu()
+        lvl_b = el[li[1]] if li.numel() else torch.zeros(0, dtype=torch.long)
+        lvl_a = el[li[0]] if li.numel() else torch.zeros(0, dtype=torch.long)
+        ob = torch.sort(lvl_b, stable=True).indices
+        oa = torch.sort(lvl_a, stable=True).indices
+        set_(self, "line_order_b", ob.to(device))
+        set_(self, "line_ptr_b", _ptr_from_sorted(lvl_b[ob], num_levels))
+        set_(self, "line_order_a", oa.to(device))
+        set_(self, "line_ptr_a", _ptr_from_sorted(lvl_a[oa], num_levels))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.size(1))
+
+    @property
+    def num_line_edges(self) -> int:
+        return int(self.line_index.size(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.edge_index.device
+
+    # ------------------------------------------------------------------ helpers
+    def to(self, device) -> "DAGSchedule":
+        """A copy of the record with every tensor on ``device`` (plans are moved, not recomputed)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        new = object.__new__(DAGSchedule)
+        for name in self.__dataclass_fields__:
+            val = getattr(self, name)
+            if isinstance(val, torch.Tensor):
+                val = val.to(device)
+            object.__setattr__(new, name, val)
+        object.__setattr__(new, "cache", {})
+        return new
+
+    def reverse(self) -> "DAGSchedule":
+        """The schedule of the reversed DAG (every edge flipped), same mode and edge ids.
+
+        Equal to ``compile_dag(edge_index.flip(0), num_nodes, mode)``; in D-mode the greedy multitree is
+        recomputed on the reversed DAG, not merely transposed.
+        """
+        from .compile import compile_dag
+
+        rev = compile_dag(
+            self.edge_index.flip(0), self.num_nodes, mode=self.mode, _graph_id=self.graph_id,
+            _num_graphs=self.num_graphs,
+        )
+        object.__setattr__(rev, "reversed", not self.reversed)
+        object.__setattr__(rev, "input_edge_ids", self.input_edge_ids)
+        return rev
+
+    def __repr__(self) -> str:
+        return (
+            f"DAGSchedule(mode={self.mode!r}, reversed={self.reversed}, num_nodes={self.num_nodes}, "
+            f"num_edges={self.num_edges}, num_line_edges={self.num_line_edges}, "
+            f"num_levels={self.num_levels}, num_graphs={self.num_graphs}, device={self.device})"
+        )
