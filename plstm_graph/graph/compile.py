@@ -290,42 +290,76 @@ def _multitree_keep(ei: np.ndarray, num_nodes: int, level: np.ndarray, comp: np.
     if num_edges == 0:
         return keep
     indeg = np.bincount(heads, minlength=num_nodes)
-    # roots: edges leaving a source node; each gets a bit numbered within its component
+    # Roots: edges leaving a source node. Each gets a bit, numbered within its component.
     is_root = indeg[tails] == 0
     root_ids = np.flatnonzero(is_root)
     root_comp = comp[tails[root_ids]]
     o = np.lexsort((root_ids, root_comp))
     root_ids, root_comp = root_ids[o], root_comp[o]
-    first_of_comp = np.searchsorted(root_comp, root_comp, side="left")
     bit = np.full(num_edges, -1, dtype=np.int64)
-    bit[root_ids] = np.arange(root_ids.size) - first_of_comp
-    # incoming edges of every node ordered by (level of tail, edge id)
-    in_order = np.lexsort((np.arange(num_edges), level[tails], heads))
-    in_ptr = np.zeros(num_nodes + 1, dtype=np.int64)
-    np.cumsum(np.bincount(heads, minlength=num_nodes), out=in_ptr[1:])
-    # nodes in topological order; only in-degree >= 1 nodes carry masks, >= 2 can prune
-    node_order = np.lexsort((np.arange(num_nodes), level))
-    node_order = node_order[indeg[node_order] >= 1]
-    node_mask = [0] * num_nodes
-    tails_l = tails.tolist()
-    bit_l = bit.tolist()
-    in_order_l = in_order.tolist()
-    in_ptr_l = in_ptr.tolist()
+    bit[root_ids] = np.arange(root_ids.size) - np.searchsorted(root_comp, root_comp, side="left")
+    # Only "merge" nodes (in-degree >= 2) can drop anything. Every other node passes its single incoming
+    # edge's root set on unchanged, so resolve each node to a representative once, by pointer jumping:
+    #   rep >= 0: the root set is that merge node's accumulated mask;  rep < 0: the single bit ~rep.
+    single_in = np.full(num_nodes, -1, dtype=np.int64)
+    one = np.flatnonzero(indeg[heads] == 1)
+    single_in[heads[one]] = one
+    rep = np.arange(num_nodes, dtype=np.int64)  # merge nodes (and sources, unused) represent themselves
+    ptr = np.arange(num_nodes, dtype=np.int64)
+    chain = np.flatnonzero(indeg == 1)
+    a_of = single_in[chain]
+    y_of = tails[a_of]
+    from_source = indeg[y_of] == 0
+    rep[chain[from_source]] = ~bit[a_of[from_source]]
+    through = ~from_source & (indeg[y_of] == 1)
+    rep[chain[~from_source & ~through]] = y_of[~from_source & ~through]  # tail is a merge node
+    ptr[chain[through]] = y_of[through]
+    pending = chain[through]
+    while pending.size:  # pointer jumping: O(log chain length) vectorised rounds
+        nxt = ptr[pending]
+        done = ptr[nxt] == nxt
+        rep[pending[done]] = rep[nxt[done]]
+        ptr[pending[~done]] = ptr[nxt[~done]]
+        pending = pending[~done]
+    # in-edges of merge nodes, ordered by (head's level, head id, tail's level, edge id)
+    merge_in = np.flatnonzero(indeg[heads] >= 2)
+    if merge_in.size == 0:
+        return keep
+    o = np.lexsort((merge_in, level[tails[merge_in]], heads[merge_in], level[heads[merge_in]]))
+    merge_in = merge_in[o]
+    y = tails[merge_in]
+    src = np.where(indeg[y] == 0, ~bit[merge_in], np.where(indeg[y] >= 2, y, rep[y]))
+    # how often each merge node's mask is read, so it can be freed after its last use
+    uses = np.bincount(src[src >= 0], minlength=num_nodes)
+    hu = heads[merge_in]
+    bounds = np.flatnonzero(np.diff(hu)) + 1
+    starts = np.concatenate([[0], bounds]).tolist()
+    ends = np.concatenate([bounds, [hu.size]]).tolist()
+    heads_l = hu.tolist()
+    src_l = src.tolist()
+    uses_l = uses.tolist()
+    masks = {}
     dropped = []
-    for u in node_order.tolist():
-        lo, hi = in_ptr_l[u], in_ptr_l[u + 1]
+    for lo, hi in zip(starts, ends):
         acc = 0
         for j in range(lo, hi):
-            a = in_order_l[j]
-            ba = bit_l[a]
-            m = (1 << ba) if ba >= 0 else node_mask[tails_l[a]]
+            s_ = src_l[j]
+            if s_ < 0:
+                m = 1 << (~s_)
+            else:
+                m = masks[s_]
+                uses_l[s_] -= 1
+                if uses_l[s_] == 0:
+                    del masks[s_]
             if m & acc:
-                dropped.append(a)
+                dropped.append(j)
             else:
                 acc |= m
-        node_mask[u] = acc
+        u = heads_l[lo]
+        if uses_l[u]:
+            masks[u] = acc
     if dropped:
-        keep[np.asarray(dropped, dtype=np.int64)] = False
+        keep[merge_in[np.asarray(dropped, dtype=np.int64)]] = False
     return keep
 
 
@@ -395,23 +429,25 @@ def compile_dag(
     input_edge_ids = None
     if orientation is not None:
         ei, input_edge_ids = orient_undirected(ei, num_nodes, orientation, roots)
-    else:
-        if undirected_type:
-            raise ValueError(
-                "got an undirected networkx graph; choose how to orient it with "
-                "compile_dag(G, orientation='index' | 'bfs' | <node ranking>)"
-            )
-        recip = _reciprocal_pairs(ei, num_nodes)
-        if recip.size:
+    elif undirected_type:
+        raise ValueError(
+            "got an undirected networkx graph; choose how to orient it with "
+            "compile_dag(G, orientation='index' | 'bfs' | <node ranking>)"
+        )
+    try:
+        level = _levels_or_cycle(ei, num_nodes)
+    except ValueError:
+        recip = _reciprocal_pairs(ei, num_nodes)  # only looked for on failure: it costs a hash of all edges
+        if recip.size and orientation is None:
             c = int(recip[0])
             u, w = int(ei[0, c]), int(ei[1, c])
             allof = " (every edge, PyG's convention for undirected graphs)" if recip.size == ei.shape[1] else ""
             raise ValueError(
-                f"edge_index holds both directions of {recip.size // 2 or 1} edge pair(s){allof}, e.g. "
+                f"edge_index holds both directions of {max(recip.size // 2, 1)} edge pair(s){allof}, e.g. "
                 f"{u} -> {w} and {w} -> {u}; that is a cycle, not a DAG. If the graph is undirected, pass "
                 f"orientation='index' (low id -> high id), orientation='bfs' (from roots) or a node ranking"
-            )
-    level = _levels_or_cycle(ei, num_nodes)
+            ) from None
+        raise
     if _graph_id is not None:
         comp = _graph_id.detach().cpu().numpy().astype(np.int64)
         ncomp = int(_num_graphs) if _num_graphs is not None else (int(comp.max()) + 1 if comp.size else 0)

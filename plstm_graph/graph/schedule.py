@@ -26,18 +26,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["DAGSchedule"]
 
 
-def _ptr_from_sorted(keys_sorted: torch.Tensor, num_bins: int) -> Tuple[int, ...]:
-    counts = torch.bincount(keys_sorted, minlength=num_bins) if keys_sorted.numel() else torch.zeros(
-        num_bins, dtype=torch.long
-    )
-    ptr = torch.zeros(num_bins + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return tuple(int(x) for x in ptr.tolist())
+def _group_by_level(keys: np.ndarray, num_bins: int):
+    """Stable order of positions grouped by (small, non-negative) integer key, and the group pointers."""
+    order = np.argsort(keys, kind="stable")
+    ptr = np.zeros(num_bins + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=num_bins), out=ptr[1:])
+    return torch.from_numpy(order.astype(np.int64, copy=False)), tuple(ptr.tolist())
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,19 +111,17 @@ class DAGSchedule:
         set_(self, "edge_level", edge_level)
         set_(self, "edge_graph", gid[tails] if tails.numel() else torch.zeros(0, dtype=torch.long, device=device))
         # Plans are computed on the CPU; stable sorts keep edge-id order within a level (deterministic).
-        el = edge_level.cpu()
-        order = torch.sort(el, stable=True).indices
+        el = edge_level.cpu().numpy()
+        order, ptr = _group_by_level(el, num_levels)
         set_(self, "edge_order", order.to(device))
-        set_(self, "edge_ptr", _ptr_from_sorted(el[order], num_levels))
-        li = self.line_index.cpu()
-        lvl_b = el[li[1]] if li.numel() else torch.zeros(0, dtype=torch.long)
-        lvl_a = el[li[0]] if li.numel() else torch.zeros(0, dtype=torch.long)
-        ob = torch.sort(lvl_b, stable=True).indices
-        oa = torch.sort(lvl_a, stable=True).indices
-        set_(self, "line_order_b", ob.to(device))
-        set_(self, "line_ptr_b", _ptr_from_sorted(lvl_b[ob], num_levels))
-        set_(self, "line_order_a", oa.to(device))
-        set_(self, "line_ptr_a", _ptr_from_sorted(lvl_a[oa], num_levels))
+        set_(self, "edge_ptr", ptr)
+        li = self.line_index.cpu().numpy()
+        order_b, ptr_b = _group_by_level(el[li[1]], num_levels)
+        order_a, ptr_a = _group_by_level(el[li[0]], num_levels)
+        set_(self, "line_order_b", order_b.to(device))
+        set_(self, "line_ptr_b", ptr_b)
+        set_(self, "line_order_a", order_a.to(device))
+        set_(self, "line_ptr_a", ptr_a)
 
     # ------------------------------------------------------------------ sizes
     @property
