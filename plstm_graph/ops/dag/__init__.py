@@ -6,7 +6,8 @@ Backends (``backend=``):
 * ``"levels"``: :mod:`.levels`, one batched step per topological level, hand-written backward.
 * ``"parallel"``: :mod:`.parallel`, dense per-graph path-sum matrices; for small graphs.
 * ``"triton"``: GPU kernels from :mod:`plstm_graph.kernels` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-* ``"auto"``: ``"triton"`` on CUDA when available, else ``"levels"``.
+* ``"auto"`` (default): ``"triton"`` on CUDA when available; else ``"parallel"`` when every graph of the
+  batch has at most ``AUTO_PARALLEL_MAX_NODES`` nodes (molecules); else ``"levels"``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ from .reference import plstm_dag_reference
 __all__ = ["plstm_dag", "dag_backends", "plstm_dag_reference", "plstm_dag_levels", "plstm_dag_parallel"]
 
 _BACKENDS = ("reference", "levels", "parallel", "triton")
+AUTO_PARALLEL_MAX_NODES = 128
+
+
+def _auto_backend(q: torch.Tensor, schedule: DAGSchedule) -> str:
+    if q.is_cuda and _triton_dag_available():
+        return "triton"
+    sizes = schedule.cache.get("graph_sizes_max")
+    if sizes is None:
+        counts = torch.bincount(schedule.graph_id, minlength=1) if schedule.num_nodes else torch.zeros(1)
+        sizes = int(counts.max())
+        schedule.cache["graph_sizes_max"] = sizes
+    return "parallel" if sizes <= AUTO_PARALLEL_MAX_NODES else "levels"
 
 
 def _triton_dag_available() -> bool:
@@ -82,7 +95,7 @@ def plstm_dag(
     mark: torch.Tensor,
     direct: torch.Tensor,
     schedule: DAGSchedule,
-    backend: str = "levels",
+    backend: str = "auto",
     recompute: bool = False,
 ) -> torch.Tensor:
     """pLSTM on a DAG (SPEC section 2). Cell states live on edges; no scaling inside (scale ``q`` first).
@@ -99,8 +112,8 @@ def plstm_dag(
     Args:
         schedule: from :func:`plstm_graph.compile_dag` (or ``DAGData.schedule`` for a PyG batch), on the
             same device as the inputs.
-        backend: ``"levels"`` (default), ``"parallel"``, ``"reference"``, ``"triton"`` or ``"auto"``; see
-            :func:`dag_backends`.
+        backend: ``"auto"`` (default), ``"levels"``, ``"parallel"``, ``"reference"`` or ``"triton"``; see
+            :func:`dag_backends` and the module docstring for what ``"auto"`` picks.
         recompute: ``levels`` / ``triton``: store no edge states for backward and recompute them instead.
 
     Example:
@@ -115,7 +128,7 @@ def plstm_dag(
     """
     _check(q, k, v, source, transition, mark, direct, schedule)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_dag_available() else "levels"
+        backend = _auto_backend(q, schedule)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(_BACKENDS) + ['auto']}")
     out_dtype = v.dtype
@@ -132,8 +145,9 @@ def plstm_dag(
 
         return _kdag.plstm_dag_triton(q, k, v, source, transition, mark, direct, schedule, recompute=recompute)
     args = [t.to(acc) for t in (q, k, v, source, transition, mark, direct)]
-    if backend == "levels":
-        y = plstm_dag_levels(*args, schedule, recompute=recompute)
-    else:
-        y = plstm_dag_parallel(*args, schedule)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # states stay in float32 under autocast
+        if backend == "levels":
+            y = plstm_dag_levels(*args, schedule, recompute=recompute)
+        else:
+            y = plstm_dag_parallel(*args, schedule)
     return y.to(out_dtype)

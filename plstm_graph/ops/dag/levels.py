@@ -44,9 +44,19 @@ def _plan(schedule: DAGSchedule):
     return plan
 
 
+def _row_add_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[index] += src`` over rows, duplicates summed. On CPU ``index_add_`` of a 4-D tensor lowers to a
+    scatter with a fully expanded index (several times slower than accumulate-``index_put_`` on a 2-D view);
+    on GPU ``index_add_`` (atomics) is the fast one."""
+    if dst.is_cuda:
+        dst.index_add_(0, index, src)
+    else:
+        dst.view(dst.shape[0], -1).index_put_((index,), src.reshape(src.shape[0], -1), accumulate=True)
+
+
 def _states_fwd(k, v, source, transition, schedule: DAGSchedule, plan) -> torch.Tensor:
     t = plan["tails"]
-    states = source[:, :, None, None] * (k[t, :, :, None] * v[t, :, None, :])  # [E, H, K, V]
+    states = (source[:, :, None] * k[t])[..., None] * v[t][..., None, :]  # [E, H, K, V], one full-size pass
     ptr = schedule.line_ptr_b
     trans_sorted = transition[plan["fl"]]  # [L, H], grouped by the level of b
     for lvl in range(1, schedule.num_levels):
@@ -54,7 +64,7 @@ def _states_fwd(k, v, source, transition, schedule: DAGSchedule, plan) -> torch.
         if l0 == l1:
             continue
         a = plan["fa"][l0:l1]
-        states.index_add_(0, plan["fb"][l0:l1], trans_sorted[l0:l1, :, None, None] * states[a])
+        _row_add_(states, plan["fb"][l0:l1], trans_sorted[l0:l1, :, None, None] * states[a])
     return states
 
 
@@ -90,7 +100,7 @@ class _PLSTMDagLevels(torch.autograd.Function):
             t, h = plan["tails"], plan["heads"]
             q_h, dy_h = q[h], dy[h]  # [E, H, K], [E, H, V]
             # seed: every edge is read out at its head
-            d_states = mark[:, :, None, None] * (q_h[..., :, None] * dy_h[..., None, :])  # [E, H, K, V]
+            d_states = (mark[:, :, None] * q_h)[..., None] * dy_h[..., None, :]  # [E, H, K, V]
             d_trans = torch.zeros_like(transition)
             ptr = schedule.line_ptr_a
             trans_sorted = transition[plan["bl"]]
@@ -101,7 +111,7 @@ class _PLSTMDagLevels(torch.autograd.Function):
                 a, b = plan["ba"][l0:l1], plan["bb"][l0:l1]
                 d_b = d_states[b]  # final: b lies on a later level than a
                 d_trans[plan["bl"][l0:l1]] = (states[a] * d_b).sum((-2, -1))
-                d_states.index_add_(0, a, trans_sorted[l0:l1, :, None, None] * d_b)
+                _row_add_(d_states, a, trans_sorted[l0:l1, :, None, None] * d_b)
             # mark and q through the readout
             state_dy = torch.einsum("ehkv,ehv->ehk", states, dy_h)  # C_a dy_n  [E, H, K]
             d_mark = (state_dy * q_h).sum(-1)

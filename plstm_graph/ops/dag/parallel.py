@@ -5,22 +5,23 @@ Per graph and head (SPEC section 2):
     G = Mk (I - Tl)^{-1} Sr                      # [N, N]: summed source * transitions * mark over paths
     y = ((Q K^T) * (G + diag(direct))) V
 
-``Sr`` (E x N) holds sources at edge tails, ``Tl`` (E x E) the weighted line graph and ``Mk`` (N x E) the
-marks at edge heads. Edges are laid out per graph in level order, so ``Tl`` is strictly lower triangular
-and ``(I - Tl)^{-1} Sr`` is one unit-triangular solve. Graphs of a batch are padded to the largest one;
-cost grows as ``E_max^3`` per graph and head, so this path is for small graphs (molecules), where it
-replaces ``num_levels`` sequential steps by a handful of batched dense kernels. Gradients come from
-autograd through the dense ops.
+``G`` depends on the gates only. It is built by propagating, level by level, one row of path sums per
+edge (``N_max`` numbers per head, instead of a ``K x V`` cell state), then the graph's nodes attend to
+each other through one batched matmul per graph. Graphs of a batch are padded to the largest one, so the
+attention costs ``N_max^2 (K + V)`` per graph and head: this path is for small graphs (molecules), where it
+moves ~25x less memory than the state-based ``levels`` backend. Gradients: autograd through the dense ops
+plus the ``levels`` backward for ``G``.
 """
 from __future__ import annotations
 
 import torch
 
 from ...graph.schedule import DAGSchedule
+from .levels import plstm_dag_levels
 
-__all__ = ["plstm_dag_parallel", "MAX_PARALLEL_EDGES"]
+__all__ = ["plstm_dag_parallel", "MAX_PARALLEL_NODES"]
 
-MAX_PARALLEL_EDGES = 2048
+MAX_PARALLEL_NODES = 1024
 
 
 def _local_rank(group: torch.Tensor, order_key: torch.Tensor, num_groups: int):
@@ -42,13 +43,12 @@ def _layout(schedule: DAGSchedule):
     if lay is None:
         ng = max(schedule.num_graphs, 1)
         node_loc, n_max = _local_rank(schedule.graph_id, torch.zeros_like(schedule.graph_id), ng)
-        edge_loc, e_max = _local_rank(schedule.edge_graph, schedule.edge_level, ng)
-        if e_max > MAX_PARALLEL_EDGES:
+        if n_max > MAX_PARALLEL_NODES:
             raise ValueError(
-                f"backend='parallel' builds dense [E, E] matrices per graph; the largest graph here has {e_max} "
-                f"edges (limit {MAX_PARALLEL_EDGES}). Use backend='levels' for large graphs."
+                f"backend='parallel' builds dense [N, N] matrices per graph; the largest graph here has {n_max} "
+                f"nodes (limit {MAX_PARALLEL_NODES}). Use backend='levels' for large graphs."
             )
-        lay = dict(node_loc=node_loc, edge_loc=edge_loc, n_max=max(n_max, 1), e_max=max(e_max, 1), ng=ng)
+        lay = dict(node_loc=node_loc, n_max=max(n_max, 1), ng=ng)
         schedule.cache["parallel"] = lay
     return lay
 
@@ -56,27 +56,24 @@ def _layout(schedule: DAGSchedule):
 def gating_matrices(source, transition, mark, schedule: DAGSchedule) -> torch.Tensor:
     """Dense path-sum matrices ``G [num_graphs, H, N_max, N_max]`` (``G[g, h, n, u]``: from u to n).
 
-    Nodes are indexed by their position inside their graph (``schedule.cache['parallel']['node_loc']``).
+    ``G = Mk (I - Tl)^{-1} Sr`` is the DAG operator itself with a one-hot value per node and ``q = k = 1``:
+    the edge "state" of edge ``b`` is then the row vector of path sums from every node of its graph to
+    ``b`` (``N_max`` numbers per head instead of ``K x V``), propagated level by level by the ``levels``
+    backend (whose hand-written backward gives the gate gradients). Nodes are indexed by their position
+    inside their graph (``schedule.cache['parallel']['node_loc']``).
     """
     lay = _layout(schedule)
-    ng, n_max, e_max = lay["ng"], lay["n_max"], lay["e_max"]
-    num_heads = source.shape[1] if source.dim() == 2 else mark.shape[1]
+    ng, n_max = lay["ng"], lay["n_max"]
+    num_heads = source.shape[1]
     dtype, device = source.dtype, source.device
-    tails, heads = schedule.edge_index
-    e_loc, n_loc = lay["edge_loc"], lay["node_loc"]
-    eg = schedule.edge_graph
-    sr = torch.zeros(ng, e_max, n_max, num_heads, dtype=dtype, device=device)
-    sr = sr.index_put((eg, e_loc, n_loc[tails]), source)
-    mk = torch.zeros(ng, n_max, e_max, num_heads, dtype=dtype, device=device)
-    mk = mk.index_put((eg, n_loc[heads], e_loc), mark)
-    tl = torch.zeros(ng, e_max, e_max, num_heads, dtype=dtype, device=device)
-    if schedule.num_line_edges:
-        la, lb = schedule.line_index
-        tl = tl.index_put((eg[lb], e_loc[lb], e_loc[la]), transition)
-    sr, mk, tl = (x.permute(0, 3, 1, 2) for x in (sr, mk, tl))  # [G, H, ., .]
-    eye = torch.eye(e_max, dtype=dtype, device=device)
-    x = torch.linalg.solve_triangular(eye - tl, sr, upper=False, unitriangular=True)  # (I - Tl)^{-1} Sr
-    return mk @ x
+    n = schedule.num_nodes
+    n_loc, gid = lay["node_loc"], schedule.graph_id
+    ones = torch.ones(n, num_heads, 1, dtype=dtype, device=device)
+    onehot = torch.nn.functional.one_hot(n_loc, n_max).to(dtype)[:, None, :].expand(n, num_heads, n_max)
+    direct = torch.zeros(n, num_heads, dtype=dtype, device=device)
+    rows = plstm_dag_levels(ones, ones, onehot.contiguous(), source, transition, mark, direct, schedule)
+    gate = torch.zeros(ng, n_max, num_heads, n_max, dtype=dtype, device=device).index_put((gid, n_loc), rows)
+    return gate.transpose(1, 2)  # [G, H, N_max (to), N_max (from)]
 
 
 def plstm_dag_parallel(q, k, v, source, transition, mark, direct, schedule: DAGSchedule) -> torch.Tensor:
