@@ -110,7 +110,7 @@ class _PLSTMDagLevels(torch.autograd.Function):
                     continue
                 a, b = plan["ba"][l0:l1], plan["bb"][l0:l1]
                 d_b = d_states[b]  # final: b lies on a later level than a
-                d_trans[plan["bl"][l0:l1]] = (states[a] * d_b).sum((-2, -1))
+                d_trans[plan["bl"][l0:l1]] = torch.einsum("lhkv,lhkv->lh", states[a], d_b)
                 _row_add_(d_states, a, trans_sorted[l0:l1, :, None, None] * d_b)
             # mark and q through the readout
             state_dy = torch.einsum("ehkv,ehv->ehk", states, dy_h)  # C_a dy_n  [E, H, K]
