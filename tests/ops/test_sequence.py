@@ -64,12 +64,11 @@ def test_segment_products_matches_loop_and_gradcheck():
     x = torch.randn(2, 9, dtype=F64)
     x[0, 3] = 0.0
     x[1, 2] = x[1, 6] = 0.0
-    m = segment_products(x)
-    for b in range(2):
-        for i in range(9):
-            for j in range(9):
-                expect = torch.prod(x[b, j + 1 : i + 1]) if i >= j else torch.tensor(0.0, dtype=F64)
-                assert torch.allclose(m[b, i, j], expect)
+    expect = torch.zeros(2, 9, 9, dtype=F64)
+    for i in range(9):
+        for j in range(i + 1):
+            expect[:, i, j] = torch.prod(x[:, j + 1 : i + 1], -1)
+    torch.testing.assert_close(segment_products(x), expect)
     assert torch.autograd.gradcheck(segment_products, (x.requires_grad_(),))
 
 
@@ -91,7 +90,7 @@ def test_chunk_scan_gradcheck_recursive():
     decay[0, 4] = 0.0
     entries = torch.randn(2, 11, 3, dtype=F64)
     fn = lambda d, e: chunk_scan(d, e, block=3)  # noqa: E731  (two levels of recursion)
-    assert torch.autograd.gradcheck(fn, (decay.requires_grad_(), entries.requires_grad_()))
+    assert torch.autograd.gradcheck(fn, (decay.requires_grad_(), entries.requires_grad_()), fast_mode=True)
 
 
 # --------------------------------------------------------------------------------------- the three modes
@@ -134,16 +133,16 @@ def test_all_zero_and_negative_transitions():
 
 
 def test_gradcheck_chunkwise_float64():
-    q, k, v, s, t, m, d, c0 = make_inputs(1, 11, 2, 3, 2, seed=11)
+    q, k, v, s, t, m, d, c0 = make_inputs(1, 8, 2, 2, 2, seed=11)
     t[0, 2, 0] = 0.0
-    t[0, 7, 1] = -0.5
+    t[0, 6, 1] = -0.5
 
     def fn(*xs):
         y, f = plstm_sequence(*xs[:7], initial_state=xs[7], output_final_state=True, chunk_size=4)
         return y, f
 
     args = tuple(x.requires_grad_() for x in (q, k, v, s, t, m, d, c0))
-    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
 
 
 def test_bf16_inputs_float32_states():
@@ -172,15 +171,12 @@ def test_cu_seqlens_equals_separate_sequences():
     for mode in MODES:
         packed = outputs_and_grads(mode, inputs, cu_seqlens=cu, chunk_size=8)
         ys, fs = [], []
-        grads = [[] for _ in range(8)]
         for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             part = [x[:, a:b] for x in inputs[:7]] + [inputs[7][n : n + 1]]
-            yo, fo, go = outputs_and_grads("reference", part)
+            yo, fo = run("reference", part)
             ys.append(yo)
             fs.append(fo)
-            for i in range(8):
-                grads[i].append(go[i])
-        # the gradient weights differ per call, so compare values only against a packed reference instead
+        # gradients: against the reference run on the same packed input (same random loss weights)
         torch.testing.assert_close(packed[0], torch.cat(ys, 1))
         torch.testing.assert_close(packed[1], torch.cat(fs))
         ref_packed = outputs_and_grads("reference", inputs, cu_seqlens=cu)
