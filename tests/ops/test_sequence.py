@@ -289,3 +289,22 @@ def test_step_decoding_matches_chunkwise():
         ys.append(yi)
     torch.testing.assert_close(torch.stack(ys, 1), y)
     torch.testing.assert_close(state, final)
+
+
+@pytest.mark.parametrize("T", [32, 40])  # 32: gates shared over batch/time take the once-per-head path
+def test_retention_grads_match_across_modes(T):
+    g = torch.Generator().manual_seed(T)
+    B, H, K, V = 2, 3, 6, 5
+    base = [torch.randn(B, T, H, n, generator=g, dtype=F64) for n in (K, K, V)]
+    base += [torch.tensor([0.9, -0.7, 0.0], dtype=F64), torch.randn(B, H, K, V, generator=g, dtype=F64)]
+    w = torch.randn(B, T, H, V, generator=g, dtype=F64)
+    results = []
+    for mode in MODES:
+        leaves = [x.clone().requires_grad_() for x in base]
+        q, k, v, gamma, s0 = leaves
+        o, f = retention(q, k, v, gamma=gamma, initial_state=s0, output_final_state=True, mode=mode, chunk_size=8)
+        ((o * w).sum() + f.square().sum()).backward()
+        results.append([o.detach(), f.detach()] + [x.grad for x in leaves])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)

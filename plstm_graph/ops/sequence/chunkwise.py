@@ -74,39 +74,52 @@ def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
 
 
 def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
-    """Chunked inputs [B, H, NC, c, *] (gates [B, H, NC, c] in ``acc``). Returns y [B, H, NC, c, V] and
-    the states after each ``last_chunk`` [B, H, len(last_chunk), K, V]."""
+    """Chunked inputs [B, H, NC, c, *]; gates [B, H, NC, c] in ``acc``, or [1, H, 1, c] when they are the
+    same for every batch row and chunk (retention), so that their products are computed once per head.
+    ``starts`` [NC] marks chunks that begin a sequence (None: only chunk 0), ``init_at_chunk`` the state
+    entering those chunks. Returns y [B, H, NC, c, V] and the states after each ``last_chunk``."""
     mm = qc.dtype
     B, H, NC, c, K = qc.shape
     V = vc.shape[-1]
-    prods = segment_products(torch.cat([torch.ones_like(tc[..., :1]), tc], -1))  # [B, H, NC, c+1, c+1]
+    prods = segment_products(torch.cat([torch.ones_like(tc[..., :1]), tc], -1))  # [., H, ., c+1, c+1]
     decay = prods[..., :c, 1:]
     from_start = prods[..., :c, 0]
     to_end = prods[..., c, 1:]
-    total = prods[..., c, 0]  # [B, H, NC]
+    total = prods[..., c, 0].expand(B, H, NC)
 
     # 1. intra-chunk attention-like part
-    gate = mc[..., :, None] * decay * sc[..., None, :] + torch.diag_embed(dc)  # [B, H, NC, c, c]
+    gate = mc[..., :, None] * decay * sc[..., None, :] + torch.diag_embed(dc)  # [., H, ., c, c]
     scores = (qc @ kc.transpose(-1, -2)).to(acc) * gate
     y = (scores.to(mm) @ vc).to(acc)
 
     # 2. state each chunk adds by its end, batched over chunks
     k_weighted = (kc.to(acc) * (to_end * sc)[..., None]).to(mm)
-    local = (k_weighted.transpose(-1, -2) @ vc).to(acc)  # [B, H, NC, K, V]
+    local = k_weighted.transpose(-1, -2) @ vc  # [B, H, NC, K, V], matmul dtype
 
     # 3. states entering each chunk: P_n = total_{n-1} P_{n-1} + U_{n-1}, restarted at sequence starts
     shifted_total = F.pad(total[..., :-1], (1, 0))
-    shifted_local = F.pad(local[..., :-1, :, :], (0, 0, 0, 0, 1, 0))
-    decay_c = torch.where(starts, torch.zeros_like(shifted_total), shifted_total)
-    entries = torch.where(starts[:, None, None], init_at_chunk, shifted_local)
+    if starts is None:
+        decay_c = shifted_total
+        first = torch.zeros((), dtype=acc, device=qc.device) if init_at_chunk is None else init_at_chunk
+        entries = torch.cat([first.to(acc).expand(B, H, 1, K, V), local[..., :-1, :, :].to(acc)], 2)
+    else:
+        decay_c = torch.where(starts, torch.zeros_like(shifted_total), shifted_total)
+        shifted_local = F.pad(local[..., :-1, :, :].to(acc), (0, 0, 0, 0, 1, 0))
+        init = torch.zeros((), dtype=acc, device=qc.device) if init_at_chunk is None else init_at_chunk
+        entries = torch.where(starts[:, None, None], init, shifted_local)
     entering = chunk_scan(decay_c, entries.flatten(-2)).unflatten(-1, (K, V))  # [B, H, NC, K, V]
 
     # 4. read of the entering state
     q_weighted = (qc.to(acc) * (mc * from_start)[..., None]).to(mm)
     y = y + (q_weighted @ entering.to(mm)).to(acc)
 
-    final = total[..., last_chunk, None, None] * entering[..., last_chunk, :, :] + local[..., last_chunk, :, :]
+    final = total[..., last_chunk, None, None] * entering[..., last_chunk, :, :] + local[..., last_chunk, :, :].to(acc)
     return y, final
+
+
+def _shared_over_batch_and_time(g: torch.Tensor) -> bool:
+    """True for gates broadcast from a per-head value (``expand``ed, stride 0 over B and T)."""
+    return (g.shape[0] == 1 or g.stride(0) == 0) and (g.shape[1] == 1 or g.stride(1) == 0)
 
 
 def plstm_sequence_chunkwise(
@@ -125,13 +138,16 @@ def plstm_sequence_chunkwise(
         nc = max(1, math.ceil(T / c))
         pad = nc * c - T
         tensors = [F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v)]
-        tensors += [F.pad(g, (0, 0, 0, pad), value=neutral[name]) for name, g in gates.items()]
-        starts = torch.zeros(nc, dtype=torch.bool, device=dev)
-        starts[0] = True
+        starts = None
         last = torch.tensor([nc - 1], device=dev)
-        init = (
-            initial_state[:, :, None] if initial_state is not None else q.new_zeros((), dtype=acc)
-        )  # broadcast at chunk 0
+        init = None if initial_state is None else initial_state[:, :, None]  # enters chunk 0
+        if pad == 0 and all(_shared_over_batch_and_time(g) for g in gates.values()):
+            # one value per head (retention): chunk-local products once per head, broadcast everywhere
+            shared = [g[:1, :1].permute(0, 2, 1)[..., None].expand(1, H, 1, c) for g in gates.values()]
+            qc, kc, vc = (_to_chunks(x, nc, c) for x in tensors)
+            y, final = _core(qc, kc, vc, *shared, starts, init, last, acc)
+            return y.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), final[:, :, 0]
+        tensors += [F.pad(g, (0, 0, 0, pad), value=neutral[name]) for name, g in gates.items()]
     else:
         c = chunk_size
         cu = cu_seqlens.tolist()
@@ -154,14 +170,14 @@ def plstm_sequence_chunkwise(
             row = g.new_full((1, H), neutral[name])
             tensors.append(torch.cat([g[0], row]).index_select(0, gather)[None])
         starts = torch.zeros(nc, dtype=torch.bool)
-        starts[offsets[:-1]] = True
+        starts[offsets[:-1]] = True  # chunks that begin a sequence
         starts = starts.to(dev)
         last = torch.tensor([o + n - 1 for o, n in zip(offsets[:-1], counts)], device=dev)
         if initial_state is not None:
             seq_of_chunk = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(dev)
             init = initial_state.index_select(0, seq_of_chunk).permute(1, 0, 2, 3)[None]  # [1, H, NC, K, V]
         else:
-            init = q.new_zeros((), dtype=acc)
+            init = None
     qc, kc, vc = (_to_chunks(x, nc, c) for x in tensors[:3])
     sc, tc, mc, dc = (_to_chunks(g, nc, c) for g in tensors[3:])
     y, final = _core(qc, kc, vc, sc, tc, mc, dc, starts, init, last, acc)
