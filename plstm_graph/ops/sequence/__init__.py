@@ -204,7 +204,7 @@ def retention(
     backend: str = "torch",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """RetNet retention (multi-scale, per-head decay): ``plstm_sequence(scale*q, k, v, source=1,
-    transition=gamma, mark=gamma, direct=1)``.
+    transition=gamma, mark=gamma, direct=1)`` (computed as ``mark = scale*gamma, direct = scale``).
 
     .. math::
         o_t = \\sum_{s \\le t} \\gamma_h^{t-s}\\, \\text{scale}\\, (q_t \\cdot k_s)\\, v_s, \\qquad
@@ -229,10 +229,13 @@ def retention(
     """
     decay, scale = _retention_gates(q, gamma, scale)
     B, T, H, _ = q.shape
-    gate = decay.to(q.device).expand(B, T, H)
-    ones = torch.ones((), dtype=gate.dtype, device=q.device).expand(B, T, H)
+    # scale * q folded into mark and direct (exact, and no extra pass over q or rounding of q in bf16)
+    transition = decay.expand(B, T, H)
+    mark = (decay * scale).expand(B, T, H)
+    source = torch.ones((), dtype=decay.dtype, device=q.device).expand(B, T, H)
+    direct = torch.full((), scale, dtype=decay.dtype, device=q.device).expand(B, T, H)
     return plstm_sequence(
-        q * scale, k, v, ones, gate, gate, ones, initial_state=initial_state,
+        q, k, v, source, transition, mark, direct, initial_state=initial_state,
         output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
         backend=backend,
     )

@@ -21,8 +21,9 @@ over chunks and a T = 32k sequence never builds a T x T matrix.
 Variable-length batches (``cu_seqlens``) pad every sequence to whole chunks and lay the chunks end to end;
 the scan restarts at each sequence's first chunk (decay 0, entry = that sequence's initial state).
 
-Precision: with half-precision inputs the matmuls run in the input dtype (float32 accumulation inside the
-matmul), while gates, chunk states and the cross-chunk scan are float32, as in flash-linear-attention.
+Precision: with half-precision inputs the matmuls and their gate weightings run in the input dtype
+(float32 accumulation inside each matmul), while gate products, chunk states and the cross-chunk scan are
+float32, much as flash-linear-attention's kernels do.
 """
 from __future__ import annotations
 
@@ -89,11 +90,11 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
 
     # 1. intra-chunk attention-like part
     gate = mc[..., :, None] * decay * sc[..., None, :] + torch.diag_embed(dc)  # [., H, ., c, c]
-    scores = (qc @ kc.transpose(-1, -2)).to(acc) * gate
-    y = (scores.to(mm) @ vc).to(acc)
+    scores = (qc @ kc.transpose(-1, -2)) * gate.to(mm)  # in the matmul dtype, like the state reads below
+    y = (scores @ vc).to(acc)
 
     # 2. state each chunk adds by its end, batched over chunks
-    k_weighted = (kc.to(acc) * (to_end * sc)[..., None]).to(mm)
+    k_weighted = kc * (to_end * sc).to(mm)[..., None]
     local = k_weighted.transpose(-1, -2) @ vc  # [B, H, NC, K, V], matmul dtype
 
     # 3. states entering each chunk: P_n = total_{n-1} P_{n-1} + U_{n-1}, restarted at sequence starts
@@ -110,7 +111,7 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
     entering = chunk_scan(decay_c, entries.flatten(-2)).unflatten(-1, (K, V))  # [B, H, NC, K, V]
 
     # 4. read of the entering state
-    q_weighted = (qc.to(acc) * (mc * from_start)[..., None]).to(mm)
+    q_weighted = qc * (mc * from_start).to(mm)[..., None]
     y = y + (q_weighted @ entering.to(mm)).to(acc)
 
     final = total[..., last_chunk, None, None] * entering[..., last_chunk, :, :] + local[..., last_chunk, :, :].to(acc)
@@ -139,7 +140,7 @@ def plstm_sequence_chunkwise(
         pad = nc * c - T
         tensors = [F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v)]
         starts = None
-        last = torch.tensor([nc - 1], device=dev)
+        last = slice(nc - 1, nc)
         init = None if initial_state is None else initial_state[:, :, None]  # enters chunk 0
         if pad == 0 and all(_shared_over_batch_and_time(g) for g in gates.values()):
             # one value per head (retention): chunk-local products once per head, broadcast everywhere
