@@ -154,7 +154,7 @@ def main() -> None:
     head = f"{'(B, T, H, K, V)':<26}"
     for n in names:
         head += f" {n + ' fwd':>14} {n + ' f+b':>14}"
-    head += f" {'fla fwd':>9} {'fla f+b':>9} {'f+b ratio':>10} {'anchor':>7} {'peak GiB':>9} {'|o-o_fla|':>10}"
+    head += f" {'fla fwd':>9} {'fla f+b':>9} {'f+b ratio':>10} {'anchor':>7} {'peak GiB':>9} {'|o-o_fla|':>10} {'|dS|/|S|':>9}"
     print("\nchunkwise retention, milliseconds (f+b = forward + backward; ratio = ours / fla)")
     print(head)
     for r in rows:
@@ -164,7 +164,7 @@ def main() -> None:
         ratio = r["ours_fb"] / r["fla_fb"] if "fla_fb" in r and "ours_fb" in r else None
         anchor = FLA_ANCHOR_FWDBWD_MS.get(r["shape"])
         line += f" {cell(r.get('fla_fwd')):>9} {cell(r.get('fla_fb')):>9} {cell(ratio, '{:.2f}x'):>10}"
-        line += f" {cell(anchor):>7} {cell(r.get('ours_mem')):>9} {cell(r.get('max_diff'), '{:.1e}'):>10}"
+        line += f" {cell(anchor):>7} {cell(r.get('ours_mem')):>9} {cell(r.get('max_diff'), '{:.1e}'):>10} {cell(r.get('state_diff'), '{:.1e}'):>9}"
         print(line)
     if not args.small:
         print("anchor = fla chunk_retention f+b measured on an H200 (issue 5); target: ours within 3x")

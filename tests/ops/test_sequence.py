@@ -113,7 +113,7 @@ def test_odd_head_dims_k100_without_initial_state():
 
 
 def test_chunkwise_scan_recursion_long():
-    # 700 steps in chunks of 4 = 175 chunks: the cross-chunk scan recurses past one 64-chunk block
+    # 700 steps in chunks of 4 = 175 chunks: the cross-chunk scan recurses on the ends of 32-chunk blocks
     inputs = make_inputs(1, 700, 1, 3, 2, seed=3)
     q, k, v, s, t, m, d, c0 = inputs
     t = t.clamp(-1, 1)

@@ -15,7 +15,7 @@ every chunk ``n`` is handled at once, batched over (batch, head, chunk):
     4. inter-chunk:  Y_n += (Q_n * mark * from_start) P_n
 
 Step 3 is itself a linear recurrence with scalar decays; :func:`chunk_scan` solves it with dense
-segment-product matmuls over blocks of 64 chunks and recurses on the block ends, so there is no Python loop
+segment-product matmuls over blocks of 32 chunks and recurses on the block ends, so there is no Python loop
 over chunks and a T = 32k sequence never builds a T x T matrix.
 
 Variable-length batches (``cu_seqlens``) pad every sequence to whole chunks and lay the chunks end to end;
@@ -37,7 +37,7 @@ from .products import segment_products
 
 __all__ = ["plstm_sequence_chunkwise", "chunk_scan"]
 
-_SCAN_BLOCK = 64
+_SCAN_BLOCK = 32  # fp32 matmul work per chunk ~ block; 32 balances it against memory traffic
 
 
 def chunk_scan(decay: torch.Tensor, entries: torch.Tensor, block: int = _SCAN_BLOCK) -> torch.Tensor:
