@@ -63,7 +63,7 @@ def chunk_scan(decay: torch.Tensor, entries: torch.Tensor, block: int = _SCAN_BL
     from_start = prods[..., 1:, 0]  # prod of decay from the block start through row n   [..., NB, S]
     carry = chunk_scan(from_start[..., -1], local[..., -1, :], block)  # state at each block end
     carry_in = F.pad(carry[..., :-1, :], (0, 0, 1, 0))  # state entering each block
-    out = local + from_start[..., None] * carry_in[..., None, :]
+    out = torch.addcmul(local, from_start[..., None], carry_in[..., None, :])
     return out.flatten(-3, -2)[..., :n, :]
 
 
@@ -102,7 +102,8 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
     if starts is None:
         decay_c = shifted_total
         first = torch.zeros((), dtype=acc, device=qc.device) if init_at_chunk is None else init_at_chunk
-        entries = torch.cat([first.to(acc).expand(B, H, 1, K, V), local[..., :-1, :, :].to(acc)], 2)
+        # (cat promotes the matmul-dtype chunk states to float32 in the same pass)
+        entries = torch.cat([first.to(acc).expand(B, H, 1, K, V), local[..., :-1, :, :]], 2)
     else:
         decay_c = torch.where(starts, torch.zeros_like(shifted_total), shifted_total)
         shifted_local = F.pad(local[..., :-1, :, :].to(acc), (0, 0, 0, 0, 1, 0))
