@@ -179,10 +179,10 @@ def main() -> None:
     state = torch.randn(B, H, K, V, device=device, dtype=torch.float32, generator=g)
     gamma = retention_gammas(H, device=device).expand(B, H)
     one = torch.ones_like(gamma)
-    scale = K ** -0.5
+    mark, direct = gamma * K ** -0.5, one * K ** -0.5  # the query scale, folded into mark and direct
 
     def step():
-        return plstm_sequence_step(q * scale, k, v, one, gamma, gamma, one, state)
+        return plstm_sequence_step(q, k, v, one, gamma, mark, direct, state)
 
     results = {}
     with torch.no_grad():
@@ -191,7 +191,7 @@ def main() -> None:
             static_state = state.clone()
 
             def update():  # the state lives in a static buffer; the graph replays step + copy
-                y, new = plstm_sequence_step(q * scale, k, v, one, gamma, gamma, one, static_state)
+                y, new = plstm_sequence_step(q, k, v, one, gamma, mark, direct, static_state)
                 static_state.copy_(new)
                 return y
 

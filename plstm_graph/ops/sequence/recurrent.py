@@ -41,17 +41,17 @@ def plstm_sequence_step(
     """
     acc = torch.promote_types(v.dtype, torch.float32)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    local = (qf * kf).sum(-1, keepdim=True) * vf
-    outer = kf[..., :, None] * vf[..., None, :]
-    s, t, m, d = (g.to(acc)[..., None] for g in (source, transition, mark, direct))
+    s, t, m, d = (g.to(acc)[..., None] for g in (source, transition, mark, direct))  # [B, H, 1]
+    qk = (qf * kf).sum(-1, keepdim=True)  # q . k   [B, H, 1]
+    # few, small kernels: this step is what decoding runs (and what a CUDA graph captures) per token
     if state is None:
-        y = d * local
-        new_state = s[..., None] * outer
+        y = d * qk * vf
+        new_state = (s * kf)[..., :, None] * vf[..., None, :]
     else:
         state = state.to(acc)
-        read = (qf[..., :, None] * state).sum(-2)  # q^T C  [B, H, V]
-        y = m * read + d * local
-        new_state = t[..., None] * state + s[..., None] * outer
+        read = (qf[..., None, :] @ state)[..., 0, :]  # q^T C   [B, H, V]
+        y = torch.addcmul(m * read, d * qk, vf)
+        new_state = torch.addcmul(t[..., None] * state, (s * kf)[..., :, None], vf[..., None, :])
     return y.to(v.dtype), new_state
 
 
