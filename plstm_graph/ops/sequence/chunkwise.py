@@ -56,8 +56,11 @@ def chunk_scan(decay: torch.Tensor, entries: torch.Tensor, block: int = _SCAN_BL
         return segment_products(decay) @ entries
     num_blocks = math.ceil(n / block)
     pad = num_blocks * block - n
-    decay = F.pad(decay, (0, pad), value=1.0).unflatten(-1, (num_blocks, block))  # [..., NB, S]
-    entries = F.pad(entries, (0, 0, 0, pad)).unflatten(-2, (num_blocks, block))  # [..., NB, S, D]
+    if pad:
+        decay = F.pad(decay, (0, pad), value=1.0)
+        entries = F.pad(entries, (0, 0, 0, pad))
+    decay = decay.unflatten(-1, (num_blocks, block))  # [..., NB, S]
+    entries = entries.unflatten(-2, (num_blocks, block))  # [..., NB, S, D]
     prods = segment_products(torch.cat([torch.ones_like(decay[..., :1]), decay], -1))  # [..., NB, S+1, S+1]
     local = prods[..., 1:, 1:] @ entries  # scan inside each block from a zero state
     from_start = prods[..., 1:, 0]  # prod of decay from the block start through row n   [..., NB, S]
@@ -68,17 +71,19 @@ def chunk_scan(decay: torch.Tensor, entries: torch.Tensor, block: int = _SCAN_BL
 
 
 def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
-    """[B, T', H, *] (T' = num_chunks * chunk) -> [B, H, NC, c, *]."""
+    """[B, T', H, *] (T' = num_chunks * chunk) -> [B, H, NC, c, *], contiguous: one copy here instead of
+    one inside every matmul and elementwise op that reads it."""
     b, _, h = x.shape[:3]
     x = x.reshape(b, num_chunks, chunk, h, *x.shape[3:])
-    return x.permute(0, 3, 1, 2, *range(4, x.dim())) if x.dim() > 4 else x.permute(0, 3, 1, 2)
+    return (x.permute(0, 3, 1, 2, *range(4, x.dim())) if x.dim() > 4 else x.permute(0, 3, 1, 2)).contiguous()
 
 
 def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
     """Chunked inputs [B, H, NC, c, *]; gates [B, H, NC, c] in ``acc``, or [1, H, 1, c] when they are the
     same for every batch row and chunk (retention), so that their products are computed once per head.
     ``starts`` [NC] marks chunks that begin a sequence (None: only chunk 0), ``init_at_chunk`` the state
-    entering those chunks. Returns y [B, H, NC, c, V] and the states after each ``last_chunk``."""
+    entering those chunks. Returns y [B, H, NC, c, V] (matmul dtype) and the float32 states after each
+    ``last_chunk``."""
     mm = qc.dtype
     B, H, NC, c, K = qc.shape
     V = vc.shape[-1]
@@ -91,7 +96,7 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
     # 1. intra-chunk attention-like part
     gate = mc[..., :, None] * decay * sc[..., None, :] + torch.diag_embed(dc)  # [., H, ., c, c]
     scores = (qc @ kc.transpose(-1, -2)) * gate.to(mm)  # in the matmul dtype, like the state reads below
-    y = (scores @ vc).to(acc)
+    y_intra = scores @ vc  # [B, H, NC, c, V]
 
     # 2. state each chunk adds by its end, batched over chunks
     k_weighted = kc * (to_end * sc).to(mm)[..., None]
@@ -112,8 +117,10 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
     entering = chunk_scan(decay_c, entries.flatten(-2)).unflatten(-1, (K, V))  # [B, H, NC, K, V]
 
     # 4. read of the entering state
-    q_weighted = qc * (mc * from_start).to(mm)[..., None]
-    y = y + (q_weighted @ entering.to(mm)).to(acc)
+    q_weighted = (qc * (mc * from_start).to(mm)[..., None]).expand(B, H, NC, c, K)
+    y = torch.baddbmm(  # y_intra + q_weighted @ entering, the add fused into the matmul
+        y_intra.reshape(-1, c, V), q_weighted.reshape(-1, c, K), entering.to(mm).reshape(-1, K, V)
+    ).view(B, H, NC, c, V)
 
     final = total[..., last_chunk, None, None] * entering[..., last_chunk, :, :] + local[..., last_chunk, :, :].to(acc)
     return y, final
@@ -128,7 +135,7 @@ def plstm_sequence_chunkwise(
     q, k, v, source, transition, mark, direct, initial_state=None, cu_seqlens=None, chunk_size: int = 64
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Shapes as :func:`plstm_graph.plstm_sequence`. q, k, v in their own dtype (matmul dtype); gates and
-    initial_state already in the accumulation dtype. Returns ``(y in acc dtype, final_state)``."""
+    initial_state already in the accumulation dtype. Returns ``(y in the matmul dtype, final_state)``."""
     acc = source.dtype
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -139,7 +146,7 @@ def plstm_sequence_chunkwise(
         c = max(1, min(chunk_size, T))
         nc = max(1, math.ceil(T / c))
         pad = nc * c - T
-        tensors = [F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v)]
+        tensors = [F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x for x in (q, k, v)]
         starts = None
         last = slice(nc - 1, nc)
         init = None if initial_state is None else initial_state[:, :, None]  # enters chunk 0
