@@ -5,7 +5,6 @@ Both run :func:`plstm_graph.plstm_sequence` (chunkwise for training, parallel on
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch

@@ -28,7 +28,7 @@ float32, much as flash-linear-attention's kernels do.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
