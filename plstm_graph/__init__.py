@@ -7,7 +7,8 @@ Core entry points::
 """
 from .graph import DAGSchedule, compile_dag
 from .ops import dag_backends, plstm_dag
+from .ops.sequence import plstm_sequence, retention
 
 __version__ = "0.1.0"
 
-__all__ = ["compile_dag", "DAGSchedule", "plstm_dag", "dag_backends", "__version__"]
+__all__ = ["compile_dag", "DAGSchedule", "plstm_dag", "dag_backends", "plstm_sequence", "retention", "__version__"]
