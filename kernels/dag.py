@@ -1,0 +1,490 @@
+"""Triton kernels of the pLSTM DAG operator (``plstm_dag(..., backend="triton")``).
+
+Math (SPEC section 2), per head, states ``C_e`` in ``R^{K x V}`` on edges, always float32:
+
+    C_b = s_b k_u v_u^T + sum_{l=(a,b)} T_l C_a                     (b = u -> w)
+    y_n = d_n (q_n . k_n) v_n + sum_{a -> n} m_a q_n^T C_a
+
+Backward, with ``dC_a`` the adjoint state of edge ``a = x -> n``:
+
+    dC_a = m_a q_n dy_n^T + sum_{l=(a,b)} T_l dC_b
+    dT_l = <C_a, dC_b>,  dm_a = q_n^T C_a dy_n,  dq_n += m_a C_a dy_n,
+    ds_a = k_x^T dC_a v_x,  dk_x += s_a dC_a v_x,  dv_x += s_a dC_a^T k_x
+
+Kernels. One *edge body* (a ``[K, V]`` tile in registers per program, one head per program) computes a
+state from its predecessors through a CSR of incoming line edges (no atomics), or an adjoint state from its
+successors through a CSR of outgoing line edges; one *node body* reads the states out through a CSR of
+incoming edges per node (no atomics in the forward; the backward accumulates ``dq, dk, dv`` with fp32
+atomics). A program walks a *list* of edges sequentially (``tl.debug_barrier`` between items, states
+loaded with ``.cg`` so they come from L2, where the previous item of the same program wrote them):
+
+* ``strategy="graph"`` (batches of small graphs, e.g. molecules): ONE launch for the whole forward (each
+  program = one graph x one head walks that graph's edges in topological order, then its nodes) and one
+  launch for the backward (reverse order). No per-level launches at all.
+* ``strategy="levels"`` (large connected DAGs): one launch per topological level, one edge per program
+  (all edges of the level in parallel), then one launch for every readout.
+
+Node, edge, level and graph counts are runtime arguments (never ``constexpr``): only ``K, V``, the block
+sizes and two flags specialise a kernel, so changing batches never recompiles.
+
+Memory (states are ``H*K*V*4`` bytes per edge; 16 KB for H=4, K=V=32, i.e. 16 GB for 1M edges):
+
+* ``recompute=False``: the forward keeps every state ``C`` for the backward; the backward also holds
+  every adjoint state ``dC``: peak ~ ``2 E H K V * 4`` bytes on top of inputs and gradients.
+* ``recompute=True``: the forward keeps no state. With the ``graph`` strategy the graphs are processed in
+  chunks whose states fit ``chunk_bytes`` (default 1 GiB): the forward computes a chunk's states into one
+  reused buffer, reads them out and drops them; the backward recomputes a chunk's states, then runs its
+  adjoint sweep. Graphs are independent, so this is exact, and the peak is ``2 * chunk_bytes`` (C and dC of
+  one chunk) whatever the number of edges. With the ``levels`` strategy (one large connected DAG) the
+  backward recomputes all states (peak ``2 E H K V * 4`` during backward only).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # the package must import without triton
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    _HAVE_TRITON = False
+
+__all__ = ["available", "plstm_dag_triton", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128
+DEFAULT_CHUNK_BYTES = 1 << 30
+
+
+def available() -> bool:
+    """True when triton imports and there is a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
+    if not _HAVE_TRITON:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
+                    e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
+                    n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, H,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr):
+        """Program (p, h): the edges at positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in order (states),
+        then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program."""
+        p = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offk = tl.arange(0, BK)
+        offv = tl.arange(0, BV)
+        mk = offk < K
+        mv = offv < V
+        tile = offk[:, None] * V + offv[None, :]
+        mt = mk[:, None] & mv[None, :]
+        if DO_EDGES:
+            i0 = tl.load(e_pptr + e_base + p)
+            i1 = tl.load(e_pptr + e_base + p + 1)
+            b_pos = i0.to(tl.int64)
+            while b_pos < i1:
+                # C_b = s_b k_u v_u^T + sum_{l=(a,b)} T_l C_a
+                b = tl.load(e_items + b_pos).to(tl.int64)
+                u = tl.load(tails + b).to(tl.int64)
+                kk = tl.load(k + (u * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+                vv = tl.load(v + (u * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+                s = tl.load(src + b * H + h).to(tl.float32)
+                c = s * (kk[:, None] * vv[None, :])
+                j = tl.load(in_ptr + b_pos)
+                j1 = tl.load(in_ptr + b_pos + 1)
+                while j < j1:
+                    a_pos = tl.load(in_pos + j).to(tl.int64)
+                    li = tl.load(in_line + j).to(tl.int64)
+                    t = tl.load(trans + li * H + h).to(tl.float32)
+                    ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
+                                 cache_modifier=".cg")
+                    c += t * ca
+                    j += 1
+                tl.store(state + ((b_pos - slot_base) * H + h) * (K * V) + tile, c, mask=mt)
+                tl.debug_barrier()  # the next edge of this program may read C_b
+                b_pos += 1
+        if DO_NODES:
+            i = tl.load(n_pptr + n_base + p)
+            i1 = tl.load(n_pptr + n_base + p + 1)
+            while i < i1:
+                # y_n = d_n (q_n . k_n) v_n + sum_{a -> n} m_a q_n^T C_a
+                n = tl.load(n_items + i).to(tl.int64)
+                qq = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+                kk = tl.load(k + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+                vv = tl.load(v + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+                d = tl.load(direct + n * H + h).to(tl.float32)
+                acc = (d * tl.sum(qq * kk, axis=0)) * vv
+                j = tl.load(nin_ptr + n)
+                j1 = tl.load(nin_ptr + n + 1)
+                while j < j1:
+                    a_pos = tl.load(nin_pos + j).to(tl.int64)
+                    a = tl.load(e_items + a_pos).to(tl.int64)
+                    m = tl.load(mark + a * H + h).to(tl.float32)
+                    ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
+                                 cache_modifier=".cg")
+                    acc += m * tl.sum(qq[:, None] * ca, axis=0)
+                    j += 1
+                tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
+                i += 1
+
+    @triton.jit
+    def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
+                    tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, H,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order."""
+        p = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offk = tl.arange(0, BK)
+        offv = tl.arange(0, BV)
+        mk = offk < K
+        mv = offv < V
+        tile = offk[:, None] * V + offv[None, :]
+        mt = mk[:, None] & mv[None, :]
+        i0 = tl.load(e_pptr + e_base + p)
+        i1 = tl.load(e_pptr + e_base + p + 1)
+        a_pos = i1.to(tl.int64) - 1
+        while a_pos >= i0:
+            a = tl.load(e_items + a_pos).to(tl.int64)
+            n = tl.load(heads + a).to(tl.int64)
+            x = tl.load(tails + a).to(tl.int64)
+            qn = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            dyn = tl.load(dy + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            m = tl.load(mark + a * H + h).to(tl.float32)
+            ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
+                         cache_modifier=".cg")
+            dc = m * (qn[:, None] * dyn[None, :])
+            j0 = tl.load(out_ptr + a_pos)
+            j1 = tl.load(out_ptr + a_pos + 1)
+            j = j0
+            while j < j1:
+                b_pos = tl.load(out_pos + j).to(tl.int64)
+                li = tl.load(out_line + j).to(tl.int64)
+                t = tl.load(trans + li * H + h).to(tl.float32)
+                dcb = tl.load(dstate + ((b_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
+                              cache_modifier=".cg")
+                tl.store(dtrans + li * H + h, tl.sum(tl.sum(ca * dcb, axis=1), axis=0))
+                dc += t * dcb
+                j += 1
+            tl.store(dstate + ((a_pos - slot_base) * H + h) * (K * V) + tile, dc, mask=mt)
+            # readout of a at its head n
+            cdy = tl.sum(ca * dyn[None, :], axis=1)  # [BK]: C_a dy_n
+            tl.store(dmark + a * H + h, tl.sum(qn * cdy, axis=0))
+            tl.atomic_add(dq + (n * H + h) * K + offk, m * cdy, mask=mk)
+            # source outer product at its tail x
+            kx = tl.load(k + (x * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vx = tl.load(v + (x * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            s = tl.load(src + a * H + h).to(tl.float32)
+            dcv = tl.sum(dc * vx[None, :], axis=1)  # [BK]
+            dck = tl.sum(dc * kx[:, None], axis=0)  # [BV]
+            tl.store(dsrc + a * H + h, tl.sum(dcv * kx, axis=0))
+            tl.atomic_add(dk + (x * H + h) * K + offk, s * dcv, mask=mk)
+            tl.atomic_add(dv + (x * H + h) * V + offv, s * dck, mask=mv)
+            tl.debug_barrier()
+            a_pos -= 1
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _csr_by(keys: torch.Tensor, num: int):
+    """Stable order of ``keys`` and the CSR pointer ``[num + 1]`` (CPU tensors)."""
+    order = torch.sort(keys, stable=True).indices
+    ptr = torch.zeros(num + 1, dtype=torch.long)
+    if keys.numel():
+        ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=num), 0)
+    return order, ptr
+
+
+def _plan(schedule, strategy: str) -> dict:
+    """Index arrays of one strategy, built once on the CPU and cached in ``schedule.cache``."""
+    key = "triton_" + strategy
+    plan = schedule.cache.get(key)
+    if plan is not None:
+        return plan
+    dev = schedule.device
+    n_nodes, n_edges = schedule.num_nodes, schedule.num_edges
+    tails, heads = (schedule.edge_index[0].cpu(), schedule.edge_index[1].cpu())
+    la, lb = (schedule.line_index[0].cpu(), schedule.line_index[1].cpu())
+    elevel = schedule.edge_level.cpu()
+    ngraph = max(int(schedule.num_graphs), 1)
+    egraph = schedule.edge_graph.cpu()
+    gid = schedule.graph_id.cpu()
+    if strategy == "graph":
+        # edges by (graph, level): every graph's edges contiguous and in topological order
+        nl = max(schedule.num_levels, 1)
+        e_items = torch.sort(egraph * nl + elevel, stable=True).indices
+        e_pptr = torch.zeros(ngraph + 1, dtype=torch.long)
+        if n_edges:
+            e_pptr[1:] = torch.cumsum(torch.bincount(egraph, minlength=ngraph), 0)
+        n_items, n_pptr = _csr_by(gid, ngraph)
+    else:
+        e_items = schedule.edge_order.cpu()
+        e_pptr = torch.arange(n_edges + 1, dtype=torch.long)
+        n_items = torch.arange(n_nodes, dtype=torch.long)
+        n_pptr = torch.arange(n_nodes + 1, dtype=torch.long)
+    pos = torch.empty(n_edges, dtype=torch.long)
+    pos[e_items] = torch.arange(n_edges)
+    lin_order, in_ptr = _csr_by(pos[lb], n_edges)  # line edges grouped by the position of b
+    lout_order, out_ptr = _csr_by(pos[la], n_edges)  # ... and by the position of a
+    hin_order, nin_ptr = _csr_by(heads, n_nodes)  # edges grouped by head node
+    i32 = lambda t: t.to(torch.int32).to(dev)  # noqa: E731
+    plan = dict(
+        tails=i32(tails), heads=i32(heads),
+        e_items=i32(e_items), e_pptr=i32(e_pptr), n_items=i32(n_items), n_pptr=i32(n_pptr),
+        in_ptr=i32(in_ptr), in_pos=i32(pos[la[lin_order]]), in_line=i32(lin_order),
+        out_ptr=i32(out_ptr), out_pos=i32(pos[lb[lout_order]]), out_line=i32(lout_order),
+        nin_ptr=i32(nin_ptr), nin_pos=i32(pos[hin_order]),
+        e_pptr_cpu=e_pptr, n_pptr_cpu=n_pptr, num_progs=ngraph if strategy == "graph" else None,
+    )
+    if strategy == "graph":
+        counts = e_pptr[1:] - e_pptr[:-1]
+        plan["max_graph_edges"] = int(counts.max()) if counts.numel() else 0
+    schedule.cache[key] = plan
+    return plan
+
+
+def _choose_strategy(schedule) -> str:
+    plan = schedule.cache.get("triton_strategy")
+    if plan is None:
+        eg = schedule.edge_graph.cpu()
+        counts = torch.bincount(eg, minlength=max(int(schedule.num_graphs), 1)) if eg.numel() else None
+        e_max = int(counts.max()) if counts is not None else 0
+        # a graph walk costs ~E_max dependent steps in one launch; levels cost one launch per level
+        plan = "graph" if e_max <= max(64, 4 * schedule.num_levels) else "levels"
+        schedule.cache["triton_strategy"] = plan
+    return plan
+
+
+def _chunks(plan, n_edges: int, state_bytes_per_edge: int, chunk_bytes: int):
+    """Contiguous ranges of graphs [g0, g1) whose states fit ``chunk_bytes`` (at least one graph each)."""
+    ptr = plan["e_pptr_cpu"].tolist()
+    ng = len(ptr) - 1
+    cap = max(1, chunk_bytes // max(state_bytes_per_edge, 1))
+    out, g0 = [], 0
+    while g0 < ng:
+        g1 = g0 + 1
+        while g1 < ng and ptr[g1 + 1] - ptr[g0] <= cap:
+            g1 += 1
+        out.append((g0, g1))
+        g0 = g1
+    return out
+
+
+def _blocks(dk: int, dv: int):
+    if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM or dk < 1 or dv < 1:
+        raise ValueError(
+            f"backend='triton' supports head dims 1..{MAX_HEAD_DIM} (a [K, V] state tile per program); got "
+            f"K={dk}, V={dv}. Use backend='levels' for larger heads."
+        )
+    bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    warps = 1 if bk * bv <= 256 else 2 if bk * bv <= 1024 else 4 if bk * bv <= 4096 else 8
+    return bk, bv, warps
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, state, *, nodes: bool,
+             g_range=None):
+    """Compute states (into ``state``) and, if ``nodes``, the readout into ``y``.
+
+    graph strategy: graphs ``g_range = (g0, g1)``; ``state`` holds the states of their edges only.
+    """
+    H, K, V = q.shape[1], q.shape[2], v.shape[2]
+    bk, bv, warps = _blocks(K, V)
+    common = dict(K=K, V=V, BK=bk, BV=bv, num_warps=warps)
+    P = plan
+    if strategy == "graph":
+        g0, g1 = g_range
+        slot_base = int(P["e_pptr_cpu"][g0])
+        _fwd_kernel[(g1 - g0, H)](
+            q, k, v, src, trans, mark, direct, y, state, P["tails"],
+            P["e_items"], P["e_pptr"], g0, P["in_ptr"], P["in_pos"], P["in_line"],
+            P["n_items"], P["n_pptr"], g0, P["nin_ptr"], P["nin_pos"], slot_base, H,
+            DO_EDGES=True, DO_NODES=nodes, **common,
+        )
+        return
+    ptr = schedule.edge_ptr
+    for lvl in range(schedule.num_levels):
+        cnt = ptr[lvl + 1] - ptr[lvl]
+        if cnt == 0:
+            continue
+        _fwd_kernel[(cnt, H)](
+            q, k, v, src, trans, mark, direct, y, state, P["tails"],
+            P["e_items"], P["e_pptr"], ptr[lvl], P["in_ptr"], P["in_pos"], P["in_line"],
+            P["n_items"], P["n_pptr"], 0, P["nin_ptr"], P["nin_pos"], 0, H,
+            DO_EDGES=True, DO_NODES=False, **common,
+        )
+    if nodes and schedule.num_nodes:
+        _fwd_kernel[(schedule.num_nodes, H)](
+            q, k, v, src, trans, mark, direct, y, state, P["tails"],
+            P["e_items"], P["e_pptr"], 0, P["in_ptr"], P["in_pos"], P["in_line"],
+            P["n_items"], P["n_pptr"], 0, P["nin_ptr"], P["nin_pos"], 0, H,
+            DO_EDGES=False, DO_NODES=True, **common,
+        )
+
+
+def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dstate, grads, g_range=None):
+    H, K, V = q.shape[1], q.shape[2], v.shape[2]
+    bk, bv, warps = _blocks(K, V)
+    dq, dk, dv, dsrc, dtrans, dmark = grads
+    P = plan
+    args = lambda base, slot: (  # noqa: E731
+        q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
+        P["tails"], P["heads"], P["e_items"], P["e_pptr"], base, P["out_ptr"], P["out_pos"], P["out_line"],
+        slot, H,
+    )
+    if strategy == "graph":
+        g0, g1 = g_range
+        _bwd_kernel[(g1 - g0, H)](*args(g0, int(P["e_pptr_cpu"][g0])), K=K, V=V, BK=bk, BV=bv, num_warps=warps)
+        return
+    ptr = schedule.edge_ptr
+    for lvl in range(schedule.num_levels - 1, -1, -1):
+        cnt = ptr[lvl + 1] - ptr[lvl]
+        if cnt == 0:
+            continue
+        _bwd_kernel[(cnt, H)](*args(ptr[lvl], 0), K=K, V=V, BK=bk, BV=bv, num_warps=warps)
+
+
+class _PLSTMDagTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, source, transition, mark, direct, schedule, recompute, strategy, chunk_bytes):
+        q, k, v, source, transition, mark, direct = (
+            t.contiguous() for t in (q, k, v, source, transition, mark, direct)
+        )
+        n, H, K = q.shape
+        V = v.shape[2]
+        E = schedule.num_edges
+        plan = _plan(schedule, strategy)
+        y = torch.empty(n, H, V, dtype=v.dtype, device=v.device)
+        per_edge = H * K * V * 4
+        state = None
+        if strategy == "graph" and recompute:
+            chunks = _chunks(plan, E, per_edge, chunk_bytes)
+            cap = max((int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks), default=0)
+            buf = torch.empty(max(cap, 1), H, K, V, dtype=torch.float32, device=q.device)
+            for g0, g1 in chunks:
+                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
+                         nodes=True, g_range=(g0, g1))
+            del buf
+        else:
+            state = torch.empty(max(E, 1), H, K, V, dtype=torch.float32, device=q.device)
+            g_range = (0, plan["num_progs"]) if strategy == "graph" else None
+            _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, state,
+                     nodes=True, g_range=g_range)
+            if recompute:
+                state = None
+        ctx.schedule, ctx.recompute, ctx.strategy, ctx.chunk_bytes = schedule, recompute, strategy, chunk_bytes
+        if state is None:
+            ctx.save_for_backward(q, k, v, source, transition, mark, direct)
+        else:
+            ctx.save_for_backward(q, k, v, source, transition, mark, direct, state)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        schedule, strategy = ctx.schedule, ctx.strategy
+        q, k, v, source, transition, mark, direct = ctx.saved_tensors[:7]
+        state = ctx.saved_tensors[7] if len(ctx.saved_tensors) == 8 else None
+        dy = dy.contiguous()
+        n, H, K = q.shape
+        V = v.shape[2]
+        E = schedule.num_edges
+        plan = _plan(schedule, strategy)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        qf, kf, vf, dyf, df = (t.float() for t in (q, k, v, dy, direct))
+        qk = (qf * kf).sum(-1)
+        dyv = (dyf * vf).sum(-1)
+        # direct term in torch (elementwise), the rest accumulates on top in the kernels
+        dq = ((df * dyv)[..., None] * kf).contiguous()
+        dk = ((df * dyv)[..., None] * qf).contiguous()
+        dv = ((df * qk)[..., None] * dyf).contiguous()
+        ddirect = qk * dyv
+        dsrc = torch.zeros(E, H, **f32)
+        dtrans = torch.zeros(schedule.num_line_edges, H, **f32)
+        dmark = torch.zeros(E, H, **f32)
+        grads = (dq, dk, dv, dsrc, dtrans, dmark)
+        if E:
+            per_edge = H * K * V * 4
+            if strategy == "graph" and ctx.recompute:
+                chunks = _chunks(plan, E, per_edge, ctx.chunk_bytes)
+                cap = max(int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks)
+                buf = torch.empty(max(cap, 1), H, K, V, **f32)
+                dbuf = torch.empty(max(cap, 1), H, K, V, **f32)
+                for g0, g1 in reversed(chunks):
+                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
+                             nodes=False, g_range=(g0, g1))
+                    _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
+                             g_range=(g0, g1))
+            else:
+                g_range = (0, plan["num_progs"]) if strategy == "graph" else None
+                if state is None:
+                    state = torch.empty(E, H, K, V, **f32)
+                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, state,
+                             nodes=False, g_range=g_range)
+                dstate = torch.empty(E, H, K, V, **f32)
+                _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, state, dstate, grads,
+                         g_range=g_range)
+        out = (
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsrc.to(source.dtype), dtrans.to(transition.dtype),
+            dmark.to(mark.dtype), ddirect.to(direct.dtype),
+        )
+        needs = ctx.needs_input_grad
+        return tuple(g if needs[i] else None for i, g in enumerate(out)) + (None, None, None, None)
+
+
+def plstm_dag_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    source: torch.Tensor,
+    transition: torch.Tensor,
+    mark: torch.Tensor,
+    direct: torch.Tensor,
+    schedule,
+    recompute: bool = False,
+    *,
+    strategy: str = "auto",
+    chunk_bytes: Optional[int] = None,
+) -> torch.Tensor:
+    """Triton pLSTM DAG operator; same contract as :func:`plstm_graph.plstm_dag` (SPEC section 2).
+
+    Shapes:
+        q, k ``[N, H, K]``; v ``[N, H, V]``; source, mark ``[E, H]``; transition ``[L, H]``; direct ``[N, H]``;
+        returns ``y [N, H, V]`` in ``v``'s dtype. Inputs float32 / bfloat16 / float16 (each its own dtype);
+        states and accumulation float32. ``K, V <= 128`` (any size, not only powers of two).
+
+    Args:
+        recompute: keep no states between forward and backward (see the module docstring for memory).
+        strategy: ``"graph"`` (one launch per pass; one program walks one graph), ``"levels"`` (one launch
+            per topological level) or ``"auto"`` (``graph`` when the largest graph has at most
+            ``max(64, 4 * num_levels)`` edges).
+        chunk_bytes: state-memory budget per chunk of graphs with ``recompute=True`` (default 1 GiB).
+
+    Example:
+        >>> import os, torch; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
+        >>> from plstm_graph import compile_dag, plstm_dag
+        >>> s = compile_dag(torch.tensor([[0, 1], [1, 2]]), num_nodes=3)
+        >>> y = plstm_dag(*(torch.randn(3, 2, 4) for _ in range(3)), torch.rand(2, 2), torch.rand(1, 2),
+        ...               torch.rand(2, 2), torch.rand(3, 2), s, backend="triton")  # doctest: +SKIP
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'plstm-graph[triton]')")
+    if strategy == "auto":
+        strategy = _choose_strategy(schedule)
+    if strategy not in ("graph", "levels"):
+        raise ValueError(f"strategy must be 'auto', 'graph' or 'levels', got {strategy!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"backend='triton' takes float32/bfloat16/float16 inputs; {name} is {t.dtype}")
+    _blocks(q.shape[2], v.shape[2])
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+    return _PLSTMDagTriton.apply(
+        q, k, v, source, transition, mark, direct, schedule, bool(recompute), strategy,
+        int(chunk_bytes) if chunk_bytes is not None else DEFAULT_CHUNK_BYTES,
+    )
