@@ -70,7 +70,8 @@ def available() -> bool:
 
 if _HAVE_TRITON:
 
-    @triton.jit
+    # launch offsets change with every level / chunk: never specialise on their values (no recompiles)
+    @triton.jit(do_not_specialize=["e_base", "n_base", "slot_base"])
     def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
                     e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
                     n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, H,
@@ -135,7 +136,7 @@ if _HAVE_TRITON:
                 tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
                 i += 1
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["e_base", "slot_base"])
     def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
                     tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, H,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
