@@ -74,11 +74,14 @@ if _HAVE_TRITON:
     @triton.jit(do_not_specialize=["e_base", "n_base", "slot_base"])
     def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
                     e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
-                    n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, H,
+                    n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr):
+                    DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr, USE_SLOTS: tl.constexpr):
         """Program (p, h): the edges at positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in order (states),
-        then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program."""
+        then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program.
+
+        The state of the edge at position ``pos`` lives in row ``pos - slot_base`` of ``state``, or in row
+        ``slot_of[pos]`` with ``USE_SLOTS`` (segments of the levels strategy with recomputation)."""
         p = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         offk = tl.arange(0, BK)
@@ -105,11 +108,18 @@ if _HAVE_TRITON:
                     a_pos = tl.load(in_pos + j).to(tl.int64)
                     li = tl.load(in_line + j).to(tl.int64)
                     t = tl.load(trans + li * H + h).to(tl.float32)
-                    ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
-                                 cache_modifier=".cg")
+                    if USE_SLOTS:
+                        sa = tl.load(slot_of + a_pos).to(tl.int64)
+                    else:
+                        sa = a_pos - slot_base
+                    ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
                     c += t * ca
                     j += 1
-                tl.store(state + ((b_pos - slot_base) * H + h) * (K * V) + tile, c, mask=mt)
+                if USE_SLOTS:
+                    sb = tl.load(slot_of + b_pos).to(tl.int64)
+                else:
+                    sb = b_pos - slot_base
+                tl.store(state + (sb * H + h) * (K * V) + tile, c, mask=mt)
                 tl.debug_barrier()  # the next edge of this program may read C_b
                 b_pos += 1
         if DO_NODES:
@@ -129,8 +139,11 @@ if _HAVE_TRITON:
                     a_pos = tl.load(nin_pos + j).to(tl.int64)
                     a = tl.load(e_items + a_pos).to(tl.int64)
                     m = tl.load(mark + a * H + h).to(tl.float32)
-                    ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
-                                 cache_modifier=".cg")
+                    if USE_SLOTS:
+                        sa = tl.load(slot_of + a_pos).to(tl.int64)
+                    else:
+                        sa = a_pos - slot_base
+                    ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
                     acc += m * tl.sum(qq[:, None] * ca, axis=0)
                     j += 1
                 tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
@@ -138,8 +151,9 @@ if _HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["e_base", "slot_base"])
     def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
-                    tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, H,
-                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                    tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, slot_of, H,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    USE_SLOTS: tl.constexpr):
         """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order."""
         p = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -159,8 +173,11 @@ if _HAVE_TRITON:
             qn = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
             dyn = tl.load(dy + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
             m = tl.load(mark + a * H + h).to(tl.float32)
-            ca = tl.load(state + ((a_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
-                         cache_modifier=".cg")
+            if USE_SLOTS:
+                sa = tl.load(slot_of + a_pos).to(tl.int64)
+            else:
+                sa = a_pos - slot_base
+            ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
             dc = m * (qn[:, None] * dyn[None, :])
             j0 = tl.load(out_ptr + a_pos)
             j1 = tl.load(out_ptr + a_pos + 1)
@@ -169,12 +186,15 @@ if _HAVE_TRITON:
                 b_pos = tl.load(out_pos + j).to(tl.int64)
                 li = tl.load(out_line + j).to(tl.int64)
                 t = tl.load(trans + li * H + h).to(tl.float32)
-                dcb = tl.load(dstate + ((b_pos - slot_base) * H + h) * (K * V) + tile, mask=mt, other=0.0,
-                              cache_modifier=".cg")
+                if USE_SLOTS:
+                    sb = tl.load(slot_of + b_pos).to(tl.int64)
+                else:
+                    sb = b_pos - slot_base
+                dcb = tl.load(dstate + (sb * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
                 tl.store(dtrans + li * H + h, tl.sum(tl.sum(ca * dcb, axis=1), axis=0))
                 dc += t * dcb
                 j += 1
-            tl.store(dstate + ((a_pos - slot_base) * H + h) * (K * V) + tile, dc, mask=mt)
+            tl.store(dstate + (sa * H + h) * (K * V) + tile, dc, mask=mt)
             # readout of a at its head n
             cdy = tl.sum(ca * dyn[None, :], axis=1)  # [BK]: C_a dy_n
             tl.store(dmark + a * H + h, tl.sum(qn * cdy, axis=0))
@@ -227,7 +247,7 @@ def _plan(schedule, strategy: str) -> dict:
     else:
         e_items = schedule.edge_order.cpu()
         e_pptr = torch.arange(n_edges + 1, dtype=torch.long)
-        n_items = torch.arange(n_nodes, dtype=torch.long)
+        n_items, nptr = _csr_by(schedule.node_level.cpu(), max(schedule.num_levels, 1))  # nodes by level
         n_pptr = torch.arange(n_nodes + 1, dtype=torch.long)
     pos = torch.empty(n_edges, dtype=torch.long)
     pos[e_items] = torch.arange(n_edges)
@@ -242,7 +262,11 @@ def _plan(schedule, strategy: str) -> dict:
         out_ptr=i32(out_ptr), out_pos=i32(pos[lb[lout_order]]), out_line=i32(lout_order),
         nin_ptr=i32(nin_ptr), nin_pos=i32(pos[hin_order]),
         e_pptr_cpu=e_pptr, n_pptr_cpu=n_pptr, num_progs=ngraph if strategy == "graph" else None,
+        e_items_cpu=e_items,
     )
+    if strategy == "levels":
+        plan["node_ptr"] = tuple(int(x) for x in nptr.tolist())
+        plan["slot_of"] = torch.zeros(n_edges, dtype=torch.int32, device=dev)
     if strategy == "graph":
         counts = e_pptr[1:] - e_pptr[:-1]
         plan["max_graph_edges"] = int(counts.max()) if counts.numel() else 0
@@ -290,65 +314,140 @@ def _blocks(dk: int, dv: int):
 
 # ---------------------------------------------------------------------------------------------- drivers
 def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, state, *, nodes: bool,
-             g_range=None):
+             g_range=None, lvl_range=None, slot_of=None):
     """Compute states (into ``state``) and, if ``nodes``, the readout into ``y``.
 
     graph strategy: graphs ``g_range = (g0, g1)``; ``state`` holds the states of their edges only.
+    levels strategy: levels ``lvl_range = (l0, l1)`` (default all); with ``slot_of`` the state of the edge at
+    position ``pos`` is row ``slot_of[pos]`` of ``state`` (else row ``pos``).
     """
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
     bk, bv, warps = _blocks(K, V)
-    common = dict(K=K, V=V, BK=bk, BV=bv, num_warps=warps)
     P = plan
+    use_slots = slot_of is not None
+    common = dict(K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots)
+    slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
+
+    def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes):
+        _fwd_kernel[grid](
+            q, k, v, src, trans, mark, direct, y, state, P["tails"],
+            P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
+            P["n_items"], P["n_pptr"], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
+            DO_EDGES=do_edges, DO_NODES=do_nodes, **common,
+        )
+
     if strategy == "graph":
         g0, g1 = g_range
-        slot_base = int(P["e_pptr_cpu"][g0])
-        _fwd_kernel[(g1 - g0, H)](
-            q, k, v, src, trans, mark, direct, y, state, P["tails"],
-            P["e_items"], P["e_pptr"], g0, P["in_ptr"], P["in_pos"], P["in_line"],
-            P["n_items"], P["n_pptr"], g0, P["nin_ptr"], P["nin_pos"], slot_base, H,
-            DO_EDGES=True, DO_NODES=nodes, **common,
-        )
+        launch((g1 - g0, H), g0, g0, int(P["e_pptr_cpu"][g0]), True, nodes)
         return
+    l0, l1 = lvl_range if lvl_range is not None else (0, schedule.num_levels)
     ptr = schedule.edge_ptr
-    for lvl in range(schedule.num_levels):
+    for lvl in range(l0, l1):
         cnt = ptr[lvl + 1] - ptr[lvl]
-        if cnt == 0:
-            continue
-        _fwd_kernel[(cnt, H)](
-            q, k, v, src, trans, mark, direct, y, state, P["tails"],
-            P["e_items"], P["e_pptr"], ptr[lvl], P["in_ptr"], P["in_pos"], P["in_line"],
-            P["n_items"], P["n_pptr"], 0, P["nin_ptr"], P["nin_pos"], 0, H,
-            DO_EDGES=True, DO_NODES=False, **common,
-        )
-    if nodes and schedule.num_nodes:
-        _fwd_kernel[(schedule.num_nodes, H)](
-            q, k, v, src, trans, mark, direct, y, state, P["tails"],
-            P["e_items"], P["e_pptr"], 0, P["in_ptr"], P["in_pos"], P["in_line"],
-            P["n_items"], P["n_pptr"], 0, P["nin_ptr"], P["nin_pos"], 0, H,
-            DO_EDGES=False, DO_NODES=True, **common,
-        )
+        if cnt:
+            launch((cnt, H), ptr[lvl], 0, 0, True, False)
+    nptr = P["node_ptr"]
+    if nodes and nptr[l1] > nptr[l0]:
+        launch((nptr[l1] - nptr[l0], H), 0, nptr[l0], 0, False, True)
 
 
-def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dstate, grads, g_range=None):
+def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dstate, grads, g_range=None,
+             lvl_range=None, slot_of=None):
+    """Adjoint sweep (reverse order) over graphs ``g_range`` or levels ``lvl_range``; see :func:`_run_fwd`."""
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
     bk, bv, warps = _blocks(K, V)
     dq, dk, dv, dsrc, dtrans, dmark = grads
     P = plan
-    args = lambda base, slot: (  # noqa: E731
-        q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
-        P["tails"], P["heads"], P["e_items"], P["e_pptr"], base, P["out_ptr"], P["out_pos"], P["out_line"],
-        slot, H,
-    )
+    use_slots = slot_of is not None
+    slots = slot_of if use_slots else P["tails"]
+
+    def launch(grid, e_base, slot_base):
+        _bwd_kernel[grid](
+            q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
+            P["tails"], P["heads"], P["e_items"], P["e_pptr"], e_base, P["out_ptr"], P["out_pos"], P["out_line"],
+            slot_base, slots, H, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,
+        )
+
     if strategy == "graph":
         g0, g1 = g_range
-        _bwd_kernel[(g1 - g0, H)](*args(g0, int(P["e_pptr_cpu"][g0])), K=K, V=V, BK=bk, BV=bv, num_warps=warps)
+        launch((g1 - g0, H), g0, int(P["e_pptr_cpu"][g0]))
         return
+    l0, l1 = lvl_range if lvl_range is not None else (0, schedule.num_levels)
     ptr = schedule.edge_ptr
-    for lvl in range(schedule.num_levels - 1, -1, -1):
+    for lvl in range(l1 - 1, l0 - 1, -1):
         cnt = ptr[lvl + 1] - ptr[lvl]
-        if cnt == 0:
-            continue
-        _bwd_kernel[(cnt, H)](*args(ptr[lvl], 0), K=K, V=V, BK=bk, BV=bv, num_warps=warps)
+        if cnt:
+            launch((cnt, H), ptr[lvl], 0)
+
+
+def _segments(schedule, plan, cap: int):
+    """Level segments of the levels strategy with recomputation, each holding at most ~``cap`` states.
+
+    Positions are the level order of edges, so segment ``j`` (levels ``c_j .. c_{j+1}-1``) owns the
+    contiguous positions ``P_j .. P_{j+1}-1``. Besides its own states it needs
+
+    * ``X_j`` (forward carry, a checkpoint): the states of earlier edges still read in the segment, i.e.
+      ``level(tail a) < c_j <= level(head a)`` (a state is last read at the level of its head node, by its
+      readout and by every line edge leaving it);
+    * ``D_j`` (backward carry): adjoint states of later edges ``b`` still read by an edge ``a`` of this
+      segment or before, i.e. ``level(b) >= c_{j+1} > min over line edges (a, b) of level(a)``.
+
+    Rows: segment edges ``0 .. S-1``, carries after them. Returned per segment: level range, ``S``, the slot
+    update ``(idx, val)`` for ``slot_of``, and the gathers that build ``X_{j+1}`` from this segment's state
+    buffer and ``D_{j-1}`` from its adjoint buffer.
+    """
+    key = ("segments", cap)
+    if key in plan:
+        return plan[key]
+    dev = schedule.device
+    E = schedule.num_edges
+    ptr = schedule.edge_ptr
+    nl = schedule.num_levels
+    e_items = plan["e_items_cpu"]
+    lvl_t = schedule.edge_level.cpu()[e_items]  # by position
+    lvl_h = schedule.node_level.cpu()[schedule.edge_index[1].cpu()][e_items]
+    pos = torch.empty(E, dtype=torch.long)
+    pos[e_items] = torch.arange(E)
+    first_pred = lvl_t.clone()  # min level of a over line edges (a, b), per position of b
+    if schedule.num_line_edges:
+        la, lb = schedule.line_index.cpu()
+        first_pred.scatter_reduce_(0, pos[lb], lvl_t[pos[la]], reduce="amin")
+    # live forward carry across each level boundary c: #{a: lvl_t < c <= lvl_h}
+    born = torch.bincount(lvl_t + 1, minlength=nl + 2)[: nl + 1]
+    dies = torch.bincount(lvl_h + 1, minlength=nl + 2)[: nl + 1]
+    live = (torch.cumsum(born, 0) - torch.cumsum(dies, 0)).tolist()
+    bounds = [0]
+    while bounds[-1] < nl:
+        c0 = bounds[-1]
+        c1 = c0 + 1
+        while c1 < nl and (ptr[c1 + 1] - ptr[c0]) + live[c0] <= cap:
+            c1 += 1
+        bounds.append(c1)
+    segs = []
+    for j in range(len(bounds) - 1):
+        c0, c1 = bounds[j], bounds[j + 1]
+        p0, p1 = ptr[c0], ptr[c1]
+        x_pos = torch.nonzero((lvl_t < c0) & (lvl_h >= c0)).flatten()
+        d_pos = torch.nonzero((lvl_t >= c1) & (first_pred < c1)).flatten()
+        S = p1 - p0
+        idx = torch.cat([torch.arange(p0, p1), x_pos, d_pos])
+        val = torch.cat([torch.arange(S), S + torch.arange(x_pos.numel()), S + torch.arange(d_pos.numel())])
+        segs.append(dict(levels=(c0, c1), S=S, x_pos=x_pos, d_pos=d_pos, idx=idx, val=val))
+    # slot of each position under segment j's map, to chain the carries
+    for j, sg in enumerate(segs):
+        smap = torch.full((E,), -1, dtype=torch.long)
+        smap[sg["idx"]] = sg["val"]
+        if j + 1 < len(segs):
+            sg["fwd_gather"] = smap[segs[j + 1]["x_pos"]]
+        if j > 0:
+            sg["bwd_gather"] = smap[segs[j - 1]["d_pos"]]
+    for sg in segs:
+        for name in ("idx", "val", "fwd_gather", "bwd_gather"):
+            if name in sg:
+                assert name == "val" or (sg[name] >= 0).all(), "segment carry chain broken"
+                sg[name] = sg[name].to(torch.int32 if name == "val" else torch.long).to(dev)
+    plan[key] = segs
+    return segs
 
 
 class _PLSTMDagTriton(torch.autograd.Function):
@@ -372,6 +471,22 @@ class _PLSTMDagTriton(torch.autograd.Function):
                 _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
                          nodes=True, g_range=(g0, g1))
             del buf
+        elif recompute and E:  # levels strategy: segments, keep only the carried states (checkpoints)
+            segs = _segments(schedule, plan, max(1, chunk_bytes // per_edge))
+            slot_of = plan["slot_of"]
+            carry = torch.empty(0, H, K, V, dtype=torch.float32, device=q.device)
+            ckpts = []
+            for j, sg in enumerate(segs):
+                ckpts.append(carry)
+                slot_of[sg["idx"]] = sg["val"]
+                buf = torch.empty(max(sg["S"] + carry.shape[0], 1), H, K, V, dtype=torch.float32, device=q.device)
+                buf[sg["S"]: sg["S"] + carry.shape[0]] = carry
+                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
+                         nodes=True, lvl_range=sg["levels"], slot_of=slot_of)
+                if j + 1 < len(segs):
+                    carry = buf[sg["fwd_gather"]]
+                del buf
+            ctx.ckpts = ckpts
         else:
             state = torch.empty(max(E, 1), H, K, V, dtype=torch.float32, device=q.device)
             g_range = (0, plan["num_progs"]) if strategy == "graph" else None
@@ -421,6 +536,24 @@ class _PLSTMDagTriton(torch.autograd.Function):
                              nodes=False, g_range=(g0, g1))
                     _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
                              g_range=(g0, g1))
+            elif ctx.recompute:  # levels strategy, segment by segment from the last one
+                segs = _segments(schedule, plan, max(1, ctx.chunk_bytes // per_edge))
+                slot_of = plan["slot_of"]
+                dcarry = torch.empty(0, H, K, V, **f32)
+                for j in range(len(segs) - 1, -1, -1):
+                    sg, ck, S = segs[j], ctx.ckpts[j], segs[j]["S"]
+                    slot_of[sg["idx"]] = sg["val"]
+                    buf = torch.empty(max(S + ck.shape[0], 1), H, K, V, **f32)
+                    buf[S: S + ck.shape[0]] = ck
+                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
+                             nodes=False, lvl_range=sg["levels"], slot_of=slot_of)
+                    dbuf = torch.empty(max(S + dcarry.shape[0], 1), H, K, V, **f32)
+                    dbuf[S: S + dcarry.shape[0]] = dcarry
+                    _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
+                             lvl_range=sg["levels"], slot_of=slot_of)
+                    if j > 0:
+                        dcarry = dbuf[sg["bwd_gather"]]
+                    del buf, dbuf
             else:
                 g_range = (0, plan["num_progs"]) if strategy == "graph" else None
                 if state is None:

@@ -92,9 +92,18 @@ def test_recompute_chunks_and_heads():
     _check(s, _inputs(s, H=2, K=4, V=6, seed=1), 1e-5, strategy="graph", recompute=True, chunk_bytes=1)
 
 
-def test_levels_recompute_p_mode():
+@pytest.mark.parametrize("cap_edges", [1, 12])
+def test_levels_recompute_segments(cap_edges):
+    # cap 1: one level per segment (states carried across every boundary); 12: segments of several levels
+    # with skip edges crossing them
     s = _union(_hostile_parts()[5:]).to(DEVICE)
-    _check(s, _inputs(s, H=1, K=8, V=8, seed=2), 1e-5, strategy="levels", recompute=True)
+    H, K, V = 1, 8, 8
+    _check(s, _inputs(s, H=H, K=K, V=V, seed=2), 1e-5, strategy="levels", recompute=True,
+           chunk_bytes=cap_edges * H * K * V * 4)
+    segs = kdag._segments(s, kdag._plan(s, "levels"), cap_edges)
+    assert len(segs) == s.num_levels if cap_edges == 1 else 1 < len(segs) < s.num_levels
+    if cap_edges == 12:
+        assert any(sg["x_pos"].numel() for sg in segs) and any(sg["d_pos"].numel() for sg in segs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
