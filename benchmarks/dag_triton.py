@@ -78,16 +78,17 @@ def molecule_batch(num_graphs: int, lo: int, hi: int, seed: int = 0):
     return torch.tensor(rows, dtype=torch.long).t().reshape(2, -1), off
 
 
-def random_dag(num_edges: int, seed: int = 0):
-    """One connected random DAG: nodes in a random topological order, each edge from a node to one of the
-    next 64 nodes (wide levels, long skip edges)."""
+def random_dag(num_edges: int, seed: int = 0, depth: int = 64):
+    """One large random DAG (one giant component): ``num_edges / 4`` nodes spread over ``depth`` layers,
+    every edge from a node to a random node 1-3 layers further (so skip edges cross levels)."""
     gen = torch.Generator().manual_seed(seed)
-    n = max(2, num_edges // 4)
-    u = torch.randint(0, n - 1, (num_edges,), generator=gen)
-    w = torch.clamp(u + 1 + torch.randint(0, 64, (num_edges,), generator=gen), max=n - 1)
-    ei = torch.unique(torch.stack([u, w]), dim=1)
-    chain = torch.stack([torch.arange(n - 1), torch.arange(1, n)])  # connected
-    return torch.unique(torch.cat([chain, ei], 1), dim=1), n
+    n = max(2 * depth, num_edges // 4)
+    layer = torch.arange(n) * depth // n  # sorted layers
+    start = torch.searchsorted(layer, torch.arange(depth + 1))
+    u = torch.randint(0, int(start[depth - 1]), (num_edges,), generator=gen)
+    lw = torch.clamp(layer[u] + torch.randint(1, 4, (num_edges,), generator=gen), max=depth - 1)
+    w = start[lw] + (torch.rand(num_edges, generator=gen) * (start[lw + 1] - start[lw])).long()
+    return torch.unique(torch.stack([u, w]), dim=1), n
 
 
 def sync(dev):
@@ -105,7 +106,7 @@ def make_inputs(s, H, D, dtype, dev, gen_seed=0):
 
 
 def time_fwd_bwd(fn, xs, dev, iters, warmup=2):
-    """Median seconds of forward + backward (after warm-up runs) and peak extra memory in bytes."""
+    """Median seconds of forward + backward (after warm-up runs) and peak allocated bytes (inputs included)."""
     def step():
         y = fn(*xs)
         y.backward(torch.ones_like(y))
@@ -115,15 +116,15 @@ def time_fwd_bwd(fn, xs, dev, iters, warmup=2):
         step()
     sync(dev)
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the peak below includes the inputs (and the model)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step()
         sync(dev)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else float("nan")
     times.sort()
     return times[len(times) // 2], peak
 

@@ -380,6 +380,72 @@ def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dst
             launch((cnt, H), ptr[lvl], 0)
 
 
+def _liveness(schedule, plan):
+    """Per position: tail level, head level, first predecessor level; and the live counts across every
+    level boundary ``c``: forward carry ``#{a: lvl_t(a) < c <= lvl_h(a)}`` and backward carry
+    ``#{b: first_pred(b) < c <= lvl_t(b)}`` (lists of length ``num_levels + 1``)."""
+    live = plan.get("liveness")
+    if live is not None:
+        return live
+    E, nl = schedule.num_edges, schedule.num_levels
+    e_items = plan["e_items_cpu"]
+    lvl_t = schedule.edge_level.cpu()[e_items]  # by position
+    lvl_h = schedule.node_level.cpu()[schedule.edge_index[1].cpu()][e_items]
+    pos = torch.empty(E, dtype=torch.long)
+    pos[e_items] = torch.arange(E)
+    first_pred = lvl_t.clone()  # min level of a over line edges (a, b), per position of b
+    if schedule.num_line_edges:
+        la, lb = schedule.line_index.cpu()
+        first_pred.scatter_reduce_(0, pos[lb], lvl_t[pos[la]], reduce="amin")
+
+    def across(lo, hi):  # #{e: lo(e) < c <= hi(e)} for c = 0 .. nl
+        born = torch.bincount(lo + 1, minlength=nl + 2)[: nl + 1]
+        dies = torch.bincount(hi + 1, minlength=nl + 2)[: nl + 1]
+        return (torch.cumsum(born, 0) - torch.cumsum(dies, 0)).tolist()
+
+    live = dict(lvl_t=lvl_t, lvl_h=lvl_h, first_pred=first_pred, x=across(lvl_t, lvl_h), d=across(first_pred, lvl_t))
+    plan["liveness"] = live
+    return live
+
+
+def _bounds(ptr, live_x, nl: int, cap: int):
+    """Greedy level segments: grow while segment edges + forward carry <= cap (at least one level)."""
+    bounds = [0]
+    while bounds[-1] < nl:
+        c0 = bounds[-1]
+        c1 = c0 + 1
+        while c1 < nl and (ptr[c1 + 1] - ptr[c0]) + live_x[c0] <= cap:
+            c1 += 1
+        bounds.append(c1)
+    return bounds
+
+
+def _segment_cap(schedule, plan, per_edge: int, chunk_bytes) -> int:
+    """Segment size (in states) for the levels strategy with recomputation. Given ``chunk_bytes``: that
+    budget. Otherwise the candidate (E/256 .. E) minimising the estimated peak number of live states:
+    all checkpoints ``sum_j |X_j|`` plus the largest segment's ``(S_j + |X_j|) + (S_j + |D_j|)``."""
+    if chunk_bytes:
+        return max(1, int(chunk_bytes) // per_edge)
+    key = "auto_cap"
+    if key in plan:
+        return plan[key]
+    live = _liveness(schedule, plan)
+    ptr, nl, E = schedule.edge_ptr, schedule.num_levels, schedule.num_edges
+    best = None
+    cap = max(1, E // 256)
+    while True:
+        b = _bounds(ptr, live["x"], nl, cap)
+        ck = sum(live["x"][c] for c in b[1:-1])
+        seg = max(2 * (ptr[c1] - ptr[c0]) + live["x"][c0] + live["d"][c1] for c0, c1 in zip(b[:-1], b[1:]))
+        if best is None or ck + seg < best[0]:
+            best = (ck + seg, cap)
+        if cap >= E:
+            break
+        cap = min(E, cap * 2)
+    plan[key] = best[1]
+    return best[1]
+
+
 def _segments(schedule, plan, cap: int):
     """Level segments of the levels strategy with recomputation, each holding at most ~``cap`` states.
 
@@ -402,27 +468,9 @@ def _segments(schedule, plan, cap: int):
     dev = schedule.device
     E = schedule.num_edges
     ptr = schedule.edge_ptr
-    nl = schedule.num_levels
-    e_items = plan["e_items_cpu"]
-    lvl_t = schedule.edge_level.cpu()[e_items]  # by position
-    lvl_h = schedule.node_level.cpu()[schedule.edge_index[1].cpu()][e_items]
-    pos = torch.empty(E, dtype=torch.long)
-    pos[e_items] = torch.arange(E)
-    first_pred = lvl_t.clone()  # min level of a over line edges (a, b), per position of b
-    if schedule.num_line_edges:
-        la, lb = schedule.line_index.cpu()
-        first_pred.scatter_reduce_(0, pos[lb], lvl_t[pos[la]], reduce="amin")
-    # live forward carry across each level boundary c: #{a: lvl_t < c <= lvl_h}
-    born = torch.bincount(lvl_t + 1, minlength=nl + 2)[: nl + 1]
-    dies = torch.bincount(lvl_h + 1, minlength=nl + 2)[: nl + 1]
-    live = (torch.cumsum(born, 0) - torch.cumsum(dies, 0)).tolist()
-    bounds = [0]
-    while bounds[-1] < nl:
-        c0 = bounds[-1]
-        c1 = c0 + 1
-        while c1 < nl and (ptr[c1 + 1] - ptr[c0]) + live[c0] <= cap:
-            c1 += 1
-        bounds.append(c1)
+    live = _liveness(schedule, plan)
+    lvl_t, lvl_h, first_pred = live["lvl_t"], live["lvl_h"], live["first_pred"]
+    bounds = _bounds(ptr, live["x"], schedule.num_levels, cap)
     segs = []
     for j in range(len(bounds) - 1):
         c0, c1 = bounds[j], bounds[j + 1]
@@ -464,7 +512,7 @@ class _PLSTMDagTriton(torch.autograd.Function):
         per_edge = H * K * V * 4
         state = None
         if strategy == "graph" and recompute:
-            chunks = _chunks(plan, E, per_edge, chunk_bytes)
+            chunks = _chunks(plan, E, per_edge, chunk_bytes or DEFAULT_CHUNK_BYTES)
             cap = max((int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks), default=0)
             buf = torch.empty(max(cap, 1), H, K, V, dtype=torch.float32, device=q.device)
             for g0, g1 in chunks:
@@ -472,7 +520,7 @@ class _PLSTMDagTriton(torch.autograd.Function):
                          nodes=True, g_range=(g0, g1))
             del buf
         elif recompute and E:  # levels strategy: segments, keep only the carried states (checkpoints)
-            segs = _segments(schedule, plan, max(1, chunk_bytes // per_edge))
+            segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, chunk_bytes))
             slot_of = plan["slot_of"]
             carry = torch.empty(0, H, K, V, dtype=torch.float32, device=q.device)
             ckpts = []
@@ -527,7 +575,7 @@ class _PLSTMDagTriton(torch.autograd.Function):
         if E:
             per_edge = H * K * V * 4
             if strategy == "graph" and ctx.recompute:
-                chunks = _chunks(plan, E, per_edge, ctx.chunk_bytes)
+                chunks = _chunks(plan, E, per_edge, ctx.chunk_bytes or DEFAULT_CHUNK_BYTES)
                 cap = max(int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks)
                 buf = torch.empty(max(cap, 1), H, K, V, **f32)
                 dbuf = torch.empty(max(cap, 1), H, K, V, **f32)
@@ -537,7 +585,7 @@ class _PLSTMDagTriton(torch.autograd.Function):
                     _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
                              g_range=(g0, g1))
             elif ctx.recompute:  # levels strategy, segment by segment from the last one
-                segs = _segments(schedule, plan, max(1, ctx.chunk_bytes // per_edge))
+                segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, ctx.chunk_bytes))
                 slot_of = plan["slot_of"]
                 dcarry = torch.empty(0, H, K, V, **f32)
                 for j in range(len(segs) - 1, -1, -1):
@@ -597,7 +645,9 @@ def plstm_dag_triton(
         strategy: ``"graph"`` (one launch per pass; one program walks one graph), ``"levels"`` (one launch
             per topological level) or ``"auto"`` (``graph`` when the largest graph has at most
             ``max(64, 4 * num_levels)`` edges).
-        chunk_bytes: state-memory budget per chunk of graphs with ``recompute=True`` (default 1 GiB).
+        chunk_bytes: with ``recompute=True``: the state memory of one chunk of graphs (``graph``; default
+            1 GiB), or of one level segment (``levels``; default: the segment size that minimises the
+            estimated peak, see :func:`_segment_cap`).
 
     Example:
         >>> import os, torch; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -620,5 +670,5 @@ def plstm_dag_triton(
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
     return _PLSTMDagTriton.apply(
         q, k, v, source, transition, mark, direct, schedule, bool(recompute), strategy,
-        int(chunk_bytes) if chunk_bytes is not None else DEFAULT_CHUNK_BYTES,
+        int(chunk_bytes) if chunk_bytes is not None else 0,
     )
