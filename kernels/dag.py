@@ -271,7 +271,7 @@ def _plan(schedule, strategy: str) -> dict:
         out_ptr=i32(out_ptr), out_pos=i32(pos[lb[lout_order]]), out_line=i32(lout_order),
         nin_ptr=i32(nin_ptr), nin_pos=i32(pos[hin_order]),
         e_pptr_cpu=e_pptr, n_pptr_cpu=n_pptr, num_progs=ngraph if strategy == "graph" else None,
-        e_items_cpu=e_items,
+        e_items_cpu=e_items, n_unit=i32(torch.arange(n_nodes + 1)),
     )
     if strategy == "levels":
         plan["node_ptr"] = tuple(int(x) for x in nptr.tolist())
@@ -337,17 +337,22 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
     common = dict(K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots)
     slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
 
-    def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes):
+    def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes, n_pptr="n_pptr"):
         _fwd_kernel[grid](
             q, k, v, src, trans, mark, direct, y, state, P["tails"],
             P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
-            P["n_items"], P["n_pptr"], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
+            P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
             DO_EDGES=do_edges, DO_NODES=do_nodes, **common,
         )
 
     if strategy == "graph":
         g0, g1 = g_range
-        launch((g1 - g0, H), g0, g0, int(P["e_pptr_cpu"][g0]), True, nodes)
+        slot_base = int(P["e_pptr_cpu"][g0])
+        if g1 > g0 and P["e_pptr_cpu"][g1] > slot_base:
+            launch((g1 - g0, H), g0, 0, slot_base, True, False)  # one program walks one graph's edges
+        n0, n1 = int(P["n_pptr_cpu"][g0]), int(P["n_pptr_cpu"][g1])
+        if nodes and n1 > n0:  # readouts are independent: one node per program
+            launch((n1 - n0, H), 0, n0, slot_base, False, True, n_pptr="n_unit")
         return
     l0, l1 = lvl_range if lvl_range is not None else (0, schedule.num_levels)
     ptr = schedule.edge_ptr
