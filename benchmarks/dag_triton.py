@@ -40,6 +40,7 @@ def _parse():
                    help="largest scaling point also run with backend='levels' (it stores every state)")
     p.add_argument("--random-dag", action="store_true",
                    help="scaling curve also on single connected random DAGs (levels strategy)")
+    p.add_argument("--random-depth", type=int, default=256, help="levels of the random DAGs (fewer = wider)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="runs/dag_triton", help="folder for the PNG and a CSV")
     return p.parse_args()
@@ -143,6 +144,35 @@ def gin_runner(ei, n, num_graphs, dev, hidden=128):
     return fn, [x]
 
 
+def check(s, H, D, dev, label):
+    """Triton (both strategies, with and without recomputation) against backend='levels' in float64-accurate
+    float32: outputs and all input gradients. Exits non-zero on a mismatch (a kernel bug on this GPU)."""
+    from plstm_graph.kernels import dag as kdag
+
+    xs = make_inputs(s, H, D, torch.float32, dev, gen_seed=5)
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    y_ref = plstm_dag(*ref_in, s, backend="levels")
+    dy = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad(y_ref, ref_in, dy)
+    worst = 0.0
+    variants = [("graph", False), ("graph", True), ("levels", False), ("levels", True)]
+    for strategy, rec in variants:
+        if strategy == "graph" and s.num_edges > 200_000:
+            continue  # a graph walk of one big component would be sequential
+        kw = dict(strategy=strategy, recompute=rec)
+        if rec:
+            kw["chunk_bytes"] = max(1, s.num_edges // 7) * H * D * D * 4  # force several chunks / segments
+        y = kdag.plstm_dag_triton(*xs, s, **kw)
+        g = torch.autograd.grad(y, xs, dy.float())
+        for a, b in zip((y,) + g, (y_ref,) + g_ref):
+            err = ((a.double() - b).abs().max() / (b.abs().max() + 1e-9)).item() if b.numel() else 0.0
+            worst = max(worst, err)
+    status = "ok" if worst < 1e-4 else "MISMATCH"
+    print(f"check {label}: triton vs levels, outputs + 7 gradients, max relative error {worst:.2e}: {status}")
+    if status != "ok":
+        sys.exit(1)
+
+
 def main():
     dev = torch.device(ARGS.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -159,9 +189,15 @@ def main():
     info = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter)"
     print(f"# device: {info}; torch {torch.__version__}; H={H} K=V={D} dtype={ARGS.dtype}")
 
-    # ---------------------------------------------------------------- 1. molecule batch throughput
+    # ---------------------------------------------------------------- 0. correctness on this device
     ei, n = molecule_batch(G, 15, 40)
     s = compile_dag(ei, num_nodes=n).to(dev)
+    check(s, H, D, dev, f"{G} molecules")
+    if not ARGS.small:
+        ei_r, n_r = random_dag(20_000, depth=32)
+        check(compile_dag(ei_r, num_nodes=n_r).to(dev), H, D, dev, "random DAG, 20k edges")
+
+    # ---------------------------------------------------------------- 1. molecule batch throughput
     print(f"\n## {G} molecule-like DAGs: {n} nodes, {s.num_edges} edges, {s.num_line_edges} line edges, "
           f"{s.num_levels} levels; forward+backward")
     print(f"{'backend':<22}{'ms / batch':>12}{'graphs/s':>14}{'peak MB':>10}")
@@ -199,7 +235,7 @@ def main():
             if kind == "molecules":
                 ei, n = molecule_batch(max(1, round(target / 29)), 15, 40, seed=2)
             else:
-                ei, n = random_dag(target, seed=2)
+                ei, n = random_dag(target, seed=2, depth=ARGS.random_depth)
             s = compile_dag(ei, num_nodes=n).to(dev)
             for name, kw in [("triton recompute", {"recompute": True}), ("levels", {})]:
                 backend = name.split()[0]
