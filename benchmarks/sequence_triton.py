@@ -87,6 +87,23 @@ def main():
             row.append(float("nan"))
         print(f"{str((B, T, H, K, V)):<28}{row[0] * 1e3:>16.2f}{row[1] * 1e3:>20.2f}{row[2] * 1e3:>24.2f}")
 
+    print(f"\n{'decoding step B, H, K, V':<28}{'triton step us':>16}")
+    steps = [(8, 16, 128, 128), (8, 8, 128, 256)] if not ARGS.small else [(2, 2, 8, 8)]
+    for B, H, K, V in steps:
+        q, k = (torch.randn(B, H, K, device=dev, dtype=dtype) for _ in range(2))
+        v = torch.randn(B, H, V, device=dev, dtype=dtype)
+        gates = [torch.rand(B, H, device=dev) for _ in range(4)]
+        state = torch.zeros(B, H, K, V, device=dev)
+        for _ in range(3):
+            kseq.plstm_sequence_step_triton(q, k, v, *gates, state, out_state=state)
+        sync()
+        n = 100 if not ARGS.small else 1
+        t0 = time.perf_counter()
+        for _ in range(n):
+            kseq.plstm_sequence_step_triton(q, k, v, *gates, state, out_state=state)
+        sync()
+        print(f"{str((B, H, K, V)):<28}{(time.perf_counter() - t0) / n * 1e6:>16.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
     tl = None
     _HAVE_TRITON = False
 
-__all__ = ["available", "plstm_sequence_triton"]
+__all__ = ["available", "plstm_sequence_triton", "plstm_sequence_step_triton"]
 
 MAX_HEAD_DIM = 256
 
@@ -148,6 +148,36 @@ if _HAVE_TRITON:
             tl.debug_barrier()  # the scratch is rewritten by the previous chunk
             ci -= 1
         tl.store(dh0 + (n * H + h) * (K * V) + tile, dc, mask=mt)
+
+
+    @triton.jit
+    def _seq_step(q, k, v, src, trn, mrk, dirc, state, y, new_state, H,
+                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
+        """One decoding step for program (b, h, V-block): read out, then update the state."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        vb = tl.program_id(2)
+        offk = tl.arange(0, BK)
+        offv = vb * BV + tl.arange(0, BV)
+        mk = offk < K
+        mv = offv < V
+        mt = mk[:, None] & mv[None, :]
+        tile = (b * H + h) * (K * V) + offk[:, None] * V + offv[None, :]
+        qq = tl.load(q + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        kk = tl.load(k + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        vv = tl.load(v + (b * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+        s = tl.load(src + b * H + h).to(tl.float32)
+        tau = tl.load(trn + b * H + h).to(tl.float32)
+        m = tl.load(mrk + b * H + h).to(tl.float32)
+        d = tl.load(dirc + b * H + h).to(tl.float32)
+        out = (d * tl.sum(qq * kk, axis=0)) * vv
+        upd = s * (kk[:, None] * vv[None, :])
+        if HAS_STATE:
+            c = tl.load(state + tile, mask=mt, other=0.0).to(tl.float32)
+            out += m * tl.sum(qq[:, None] * c, axis=0)
+            upd += tau * c
+        tl.store(y + (b * H + h) * V + offv, out, mask=mv)
+        tl.store(new_state + tile, upd, mask=mt)
 
 
 def _blocks(dk: int, dv: int):
@@ -264,3 +294,42 @@ def plstm_sequence_triton(
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
     return _SeqScan.apply(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, int(chunk_size))
+
+
+@torch.no_grad()
+def plstm_sequence_step_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    source: torch.Tensor,
+    transition: torch.Tensor,
+    mark: torch.Tensor,
+    direct: torch.Tensor,
+    state: Optional[torch.Tensor],
+    out_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One fused decoding step (one launch; no autograd), same contract as ``plstm_sequence_step``:
+    ``y = mark * (q^T C) + direct * (q . k) * v`` and ``C' = transition * C + source * (k outer v)``.
+
+    Shapes:
+        q, k ``[B, H, K]``; v ``[B, H, V]``; gates ``[B, H]``; state ``[B, H, K, V]`` float32 or None (zeros).
+        Returns ``(y [B, H, V] in v's dtype, new_state [B, H, K, V] float32)``. ``out_state`` may be
+        ``state`` itself (in-place update: each program reads its tile before writing it).
+    """
+    B, H, K = q.shape
+    V = v.shape[-1]
+    bk, bv, warps = _blocks(K, V)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    gates = [g.contiguous() for g in (source, transition, mark, direct)]
+    if state is not None:
+        state = state.contiguous()
+        if state.dtype != torch.float32:
+            raise ValueError(f"state must be float32, got {state.dtype}")
+    if out_state is None:
+        out_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    y = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
+    _seq_step[(B, H, triton.cdiv(V, bv))](
+        q, k, v, *gates, state if state is not None else out_state, y, out_state, H,
+        K=K, V=V, BK=bk, BV=bv, HAS_STATE=state is not None, num_warps=warps,
+    )
+    return y, out_state

@@ -103,3 +103,19 @@ def test_equals_dag_operator_on_the_chain():
     y_dag = plstm_dag(q, k, v, s[:-1], t[1:T - 1], m[1:], d, sched, backend="reference")
     y, _ = kseq.plstm_sequence_triton(*(x.to(DEVICE) for x in xs), *(g_.to(DEVICE) for g_ in gates))
     torch.testing.assert_close(y[0].cpu(), y_dag, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_decoding_step_matches_the_recurrence(with_state):
+    g = torch.Generator().manual_seed(5)
+    B, H, K, V = 3, 2, 5, 6
+    q, k, v = torch.randn(B, H, K, generator=g), torch.randn(B, H, K, generator=g), torch.randn(B, H, V, generator=g)
+    s, t, m, d = (torch.randn(B, H, generator=g) for _ in range(4))
+    c = torch.randn(B, H, K, V, generator=g) if with_state else torch.zeros(B, H, K, V)
+    y_ref = m[..., None] * torch.einsum("bhk,bhkv->bhv", q, c) + (d * (q * k).sum(-1))[..., None] * v
+    c_ref = t[..., None, None] * c + s[..., None, None] * k[..., :, None] * v[..., None, :]
+    dev = [x.to(DEVICE) for x in (q, k, v, s, t, m, d)]
+    state = c.to(DEVICE) if with_state else None
+    y, new = kseq.plstm_sequence_step_triton(*dev, state, out_state=state)  # in place when a state is given
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.cpu(), c_ref, rtol=1e-5, atol=1e-5)
