@@ -49,20 +49,41 @@ Memory (states are ``H*K*V*4`` bytes per edge; 16 KB for H=4, K=V=32, i.e. 16 GB
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional
 
 import torch
 
-try:  # the package must import without triton
-    import triton
-    import triton.language as tl
+# triton is imported on first use, never at import: the package works without it, and a test that sets
+# TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
+triton = None
+tl = None
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked)
+        return False
+
+
+_HAVE_TRITON = _triton_installed()
+
+
+def _import_triton():
+    global triton, tl
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+    return triton
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
 
 __all__ = ["available", "plstm_dag_triton", "MAX_HEAD_DIM"]
 
@@ -77,148 +98,158 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-if _HAVE_TRITON:
+_JITTED = {}
 
-    # launch offsets change with every level / chunk: never specialise on their values (no recompiles)
-    @triton.jit(do_not_specialize=["e_base", "n_base", "slot_base"])
-    def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
-                    e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
-                    n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H,
-                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr, USE_SLOTS: tl.constexpr):
-        """Program (p, h): the edges at positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in order (states),
-        then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program.
 
-        The state of the edge at position ``pos`` lives in row ``pos - slot_base`` of ``state``, or in row
-        ``slot_of[pos]`` with ``USE_SLOTS`` (segments of the levels strategy with recomputation)."""
-        p = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        offk = tl.arange(0, BK)
-        offv = tl.arange(0, BV)
-        mk = offk < K
-        mv = offv < V
-        tile = offk[:, None] * V + offv[None, :]
-        mt = mk[:, None] & mv[None, :]
-        if DO_EDGES:
-            i0 = tl.load(e_pptr + e_base + p)
-            i1 = tl.load(e_pptr + e_base + p + 1)
-            b_pos = i0.to(tl.int64)
-            while b_pos < i1:
-                # C_b = s_b k_u v_u^T + sum_{l=(a,b)} T_l C_a
-                b = tl.load(e_items + b_pos).to(tl.int64)
-                u = tl.load(tails + b).to(tl.int64)
-                kk = tl.load(k + (u * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                vv = tl.load(v + (u * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-                s = tl.load(src + b * H + h).to(tl.float32)
-                c = s * (kk[:, None] * vv[None, :])
-                j = tl.load(in_ptr + b_pos)
-                j1 = tl.load(in_ptr + b_pos + 1)
-                while j < j1:
-                    a_pos = tl.load(in_pos + j).to(tl.int64)
-                    li = tl.load(in_line + j).to(tl.int64)
-                    t = tl.load(trans + li * H + h).to(tl.float32)
-                    if USE_SLOTS:
-                        sa = tl.load(slot_of + a_pos).to(tl.int64)
-                    else:
-                        sa = a_pos - slot_base
-                    ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
-                    c += t * ca
-                    j += 1
-                if USE_SLOTS:
-                    sb = tl.load(slot_of + b_pos).to(tl.int64)
-                else:
-                    sb = b_pos - slot_base
-                tl.store(state + (sb * H + h) * (K * V) + tile, c, mask=mt)
-                tl.debug_barrier()  # the next edge of this program may read C_b
-                b_pos += 1
-        if DO_NODES:
-            i = tl.load(n_pptr + n_base + p)
-            i1 = tl.load(n_pptr + n_base + p + 1)
-            while i < i1:
-                # y_n = d_n (q_n . k_n) v_n + sum_{a -> n} m_a q_n^T C_a
-                n = tl.load(n_items + i).to(tl.int64)
-                qq = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                kk = tl.load(k + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                vv = tl.load(v + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-                d = tl.load(direct + n * H + h).to(tl.float32)
-                acc = (d * tl.sum(qq * kk, axis=0)) * vv
-                j = tl.load(nin_ptr + n)
-                j1 = tl.load(nin_ptr + n + 1)
-                while j < j1:
-                    a_pos = tl.load(nin_pos + j).to(tl.int64)
-                    a = tl.load(e_items + a_pos).to(tl.int64)
-                    m = tl.load(mark + a * H + h).to(tl.float32)
-                    if USE_SLOTS:
-                        sa = tl.load(slot_of + a_pos).to(tl.int64)
-                    else:
-                        sa = a_pos - slot_base
-                    ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
-                    acc += m * tl.sum(qq[:, None] * ca, axis=0)
-                    j += 1
-                tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
-                i += 1
+def _jit(fn, **kw):
+    """``triton.jit(fn)`` on first use, cached per interpreter mode: kernels are decorated lazily, so whether
+    they run under the CPU interpreter follows ``TRITON_INTERPRET`` at the first *call*, not at import
+    (another module may import this one before a test sets the variable)."""
+    key = (fn.__name__, os.environ.get("TRITON_INTERPRET") == "1")
+    kern = _JITTED.get(key)
+    if kern is None:
+        kern = _JITTED[key] = _import_triton().jit(**kw)(fn)
+    return kern
 
-    @triton.jit(do_not_specialize=["e_base", "slot_base"])
-    def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
-                    tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, slot_of, H,
-                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    USE_SLOTS: tl.constexpr):
-        """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order."""
-        p = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        offk = tl.arange(0, BK)
-        offv = tl.arange(0, BV)
-        mk = offk < K
-        mv = offv < V
-        tile = offk[:, None] * V + offv[None, :]
-        mt = mk[:, None] & mv[None, :]
+
+# launch offsets change with every level / chunk: never specialise on their values (no recompiles)
+def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
+                e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
+                n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H,
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr, USE_SLOTS: tl.constexpr):
+    """Program (p, h): the edges at positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in order (states),
+    then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program.
+
+    The state of the edge at position ``pos`` lives in row ``pos - slot_base`` of ``state``, or in row
+    ``slot_of[pos]`` with ``USE_SLOTS`` (segments of the levels strategy with recomputation)."""
+    p = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offk = tl.arange(0, BK)
+    offv = tl.arange(0, BV)
+    mk = offk < K
+    mv = offv < V
+    tile = offk[:, None] * V + offv[None, :]
+    mt = mk[:, None] & mv[None, :]
+    if DO_EDGES:
         i0 = tl.load(e_pptr + e_base + p)
         i1 = tl.load(e_pptr + e_base + p + 1)
-        a_pos = i1.to(tl.int64) - 1
-        while a_pos >= i0:
-            a = tl.load(e_items + a_pos).to(tl.int64)
-            n = tl.load(heads + a).to(tl.int64)
-            x = tl.load(tails + a).to(tl.int64)
-            qn = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-            dyn = tl.load(dy + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-            m = tl.load(mark + a * H + h).to(tl.float32)
-            if USE_SLOTS:
-                sa = tl.load(slot_of + a_pos).to(tl.int64)
-            else:
-                sa = a_pos - slot_base
-            ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
-            dc = m * (qn[:, None] * dyn[None, :])
-            j0 = tl.load(out_ptr + a_pos)
-            j1 = tl.load(out_ptr + a_pos + 1)
-            j = j0
+        b_pos = i0.to(tl.int64)
+        while b_pos < i1:
+            # C_b = s_b k_u v_u^T + sum_{l=(a,b)} T_l C_a
+            b = tl.load(e_items + b_pos).to(tl.int64)
+            u = tl.load(tails + b).to(tl.int64)
+            kk = tl.load(k + (u * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vv = tl.load(v + (u * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            s = tl.load(src + b * H + h).to(tl.float32)
+            c = s * (kk[:, None] * vv[None, :])
+            j = tl.load(in_ptr + b_pos)
+            j1 = tl.load(in_ptr + b_pos + 1)
             while j < j1:
-                b_pos = tl.load(out_pos + j).to(tl.int64)
-                li = tl.load(out_line + j).to(tl.int64)
+                a_pos = tl.load(in_pos + j).to(tl.int64)
+                li = tl.load(in_line + j).to(tl.int64)
                 t = tl.load(trans + li * H + h).to(tl.float32)
                 if USE_SLOTS:
-                    sb = tl.load(slot_of + b_pos).to(tl.int64)
+                    sa = tl.load(slot_of + a_pos).to(tl.int64)
                 else:
-                    sb = b_pos - slot_base
-                dcb = tl.load(dstate + (sb * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
-                tl.store(dtrans + li * H + h, tl.sum(tl.sum(ca * dcb, axis=1), axis=0))
-                dc += t * dcb
+                    sa = a_pos - slot_base
+                ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
+                c += t * ca
                 j += 1
-            tl.store(dstate + (sa * H + h) * (K * V) + tile, dc, mask=mt)
-            # readout of a at its head n
-            cdy = tl.sum(ca * dyn[None, :], axis=1)  # [BK]: C_a dy_n
-            tl.store(dmark + a * H + h, tl.sum(qn * cdy, axis=0))
-            tl.atomic_add(dq + (n * H + h) * K + offk, m * cdy, mask=mk)
-            # source outer product at its tail x
-            kx = tl.load(k + (x * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-            vx = tl.load(v + (x * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-            s = tl.load(src + a * H + h).to(tl.float32)
-            dcv = tl.sum(dc * vx[None, :], axis=1)  # [BK]
-            dck = tl.sum(dc * kx[:, None], axis=0)  # [BV]
-            tl.store(dsrc + a * H + h, tl.sum(dcv * kx, axis=0))
-            tl.atomic_add(dk + (x * H + h) * K + offk, s * dcv, mask=mk)
-            tl.atomic_add(dv + (x * H + h) * V + offv, s * dck, mask=mv)
-            tl.debug_barrier()
-            a_pos -= 1
+            if USE_SLOTS:
+                sb = tl.load(slot_of + b_pos).to(tl.int64)
+            else:
+                sb = b_pos - slot_base
+            tl.store(state + (sb * H + h) * (K * V) + tile, c, mask=mt)
+            tl.debug_barrier()  # the next edge of this program may read C_b
+            b_pos += 1
+    if DO_NODES:
+        i = tl.load(n_pptr + n_base + p)
+        i1 = tl.load(n_pptr + n_base + p + 1)
+        while i < i1:
+            # y_n = d_n (q_n . k_n) v_n + sum_{a -> n} m_a q_n^T C_a
+            n = tl.load(n_items + i).to(tl.int64)
+            qq = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            kk = tl.load(k + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vv = tl.load(v + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            d = tl.load(direct + n * H + h).to(tl.float32)
+            acc = (d * tl.sum(qq * kk, axis=0)) * vv
+            j = tl.load(nin_ptr + n)
+            j1 = tl.load(nin_ptr + n + 1)
+            while j < j1:
+                a_pos = tl.load(nin_pos + j).to(tl.int64)
+                a = tl.load(e_items + a_pos).to(tl.int64)
+                m = tl.load(mark + a * H + h).to(tl.float32)
+                if USE_SLOTS:
+                    sa = tl.load(slot_of + a_pos).to(tl.int64)
+                else:
+                    sa = a_pos - slot_base
+                ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
+                acc += m * tl.sum(qq[:, None] * ca, axis=0)
+                j += 1
+            tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
+            i += 1
+
+def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
+                tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, slot_of, H,
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                USE_SLOTS: tl.constexpr):
+    """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order."""
+    p = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offk = tl.arange(0, BK)
+    offv = tl.arange(0, BV)
+    mk = offk < K
+    mv = offv < V
+    tile = offk[:, None] * V + offv[None, :]
+    mt = mk[:, None] & mv[None, :]
+    i0 = tl.load(e_pptr + e_base + p)
+    i1 = tl.load(e_pptr + e_base + p + 1)
+    a_pos = i1.to(tl.int64) - 1
+    while a_pos >= i0:
+        a = tl.load(e_items + a_pos).to(tl.int64)
+        n = tl.load(heads + a).to(tl.int64)
+        x = tl.load(tails + a).to(tl.int64)
+        qn = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        dyn = tl.load(dy + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+        m = tl.load(mark + a * H + h).to(tl.float32)
+        if USE_SLOTS:
+            sa = tl.load(slot_of + a_pos).to(tl.int64)
+        else:
+            sa = a_pos - slot_base
+        ca = tl.load(state + (sa * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
+        dc = m * (qn[:, None] * dyn[None, :])
+        j0 = tl.load(out_ptr + a_pos)
+        j1 = tl.load(out_ptr + a_pos + 1)
+        j = j0
+        while j < j1:
+            b_pos = tl.load(out_pos + j).to(tl.int64)
+            li = tl.load(out_line + j).to(tl.int64)
+            t = tl.load(trans + li * H + h).to(tl.float32)
+            if USE_SLOTS:
+                sb = tl.load(slot_of + b_pos).to(tl.int64)
+            else:
+                sb = b_pos - slot_base
+            dcb = tl.load(dstate + (sb * H + h) * (K * V) + tile, mask=mt, other=0.0, cache_modifier=".cg")
+            tl.store(dtrans + li * H + h, tl.sum(tl.sum(ca * dcb, axis=1), axis=0))
+            dc += t * dcb
+            j += 1
+        tl.store(dstate + (sa * H + h) * (K * V) + tile, dc, mask=mt)
+        # readout of a at its head n
+        cdy = tl.sum(ca * dyn[None, :], axis=1)  # [BK]: C_a dy_n
+        tl.store(dmark + a * H + h, tl.sum(qn * cdy, axis=0))
+        tl.atomic_add(dq + (n * H + h) * K + offk, m * cdy, mask=mk)
+        # source outer product at its tail x
+        kx = tl.load(k + (x * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        vx = tl.load(v + (x * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+        s = tl.load(src + a * H + h).to(tl.float32)
+        dcv = tl.sum(dc * vx[None, :], axis=1)  # [BK]
+        dck = tl.sum(dc * kx[:, None], axis=0)  # [BV]
+        tl.store(dsrc + a * H + h, tl.sum(dcv * kx, axis=0))
+        tl.atomic_add(dk + (x * H + h) * K + offk, s * dcv, mask=mk)
+        tl.atomic_add(dv + (x * H + h) * V + offv, s * dck, mask=mv)
+        tl.debug_barrier()
+        a_pos -= 1
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -320,7 +351,7 @@ def _blocks(dk: int, dv: int):
             f"backend='triton' supports head dims 1..{MAX_HEAD_DIM} (a [K, V] state tile per program); got "
             f"K={dk}, V={dv}. Use backend='levels' for larger heads."
         )
-    bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    bk, bv = _pow2(dk), _pow2(dv)
     # ~8 tile elements per thread: no register spills up to 64 x 64, small ones at 128 x 128 (ptxas, sm_90;
     # 32 x 32 -> 4 warps, 72 registers)
     warps = min(32, max(1, bk * bv // 256))
@@ -344,7 +375,7 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
     slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
 
     def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes, n_pptr="n_pptr"):
-        _fwd_kernel[grid](
+        _jit(_fwd_kernel, do_not_specialize=["e_base", "n_base", "slot_base"])[grid](
             q, k, v, src, trans, mark, direct, y, state, P["tails"],
             P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
             P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
@@ -382,7 +413,7 @@ def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dst
     slots = slot_of if use_slots else P["tails"]
 
     def launch(grid, e_base, slot_base):
-        _bwd_kernel[grid](
+        _jit(_bwd_kernel, do_not_specialize=["e_base", "slot_base"])[grid](
             q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
             P["tails"], P["heads"], P["e_items"], P["e_pptr"], e_base, P["out_ptr"], P["out_pos"], P["out_line"],
             slot_base, slots, H, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,

@@ -21,20 +21,41 @@ per sequence, plus a scratch of ``chunk_size * K * BV * 4`` bytes per program in
 from __future__ import annotations
 
 import math
+import importlib.util
 import os
 from typing import Optional, Tuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+# triton is imported on first use, never at import: the package works without it, and a test that sets
+# TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
+triton = None
+tl = None
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked)
+        return False
+
+
+_HAVE_TRITON = _triton_installed()
+
+
+def _import_triton():
+    global triton, tl
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+    return triton
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
 
 __all__ = ["available", "plstm_sequence_triton", "plstm_sequence_step_triton"]
 
@@ -48,143 +69,152 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-if _HAVE_TRITON:
+_JITTED = {}
 
-    @triton.jit(do_not_specialize=["CS"])
-    def _seq_fwd(q, k, v, src, trn, mrk, dirc, y, h0, hT, ckpt, cu, ck_off, H, CS,
-                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_H0: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        vb = tl.program_id(2)
-        offk = tl.arange(0, BK)
-        offv = vb * BV + tl.arange(0, BV)
-        mk = offk < K
-        mv = offv < V
-        mt = mk[:, None] & mv[None, :]
-        tile = offk[:, None] * V + offv[None, :]
-        start = tl.load(cu + n).to(tl.int64)
-        end = tl.load(cu + n + 1).to(tl.int64)
-        c_idx = tl.load(ck_off + n).to(tl.int64)
-        if HAS_H0:
-            c = tl.load(h0 + (n * H + h) * (K * V) + tile, mask=mt, other=0.0).to(tl.float32)
-        else:
-            c = tl.zeros([BK, BV], dtype=tl.float32)
-        t = start
-        while t < end:
-            if (t - start) % CS == 0:
-                tl.store(ckpt + (c_idx * H + h) * (K * V) + tile, c, mask=mt)
-                c_idx += 1
-            qq = tl.load(q + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+
+def _jit(fn, **kw):
+    """``triton.jit(fn)`` on first use, cached per interpreter mode: kernels are decorated lazily, so whether
+    they run under the CPU interpreter follows ``TRITON_INTERPRET`` at the first *call*, not at import
+    (another module may import this one before a test sets the variable)."""
+    key = (fn.__name__, os.environ.get("TRITON_INTERPRET") == "1")
+    kern = _JITTED.get(key)
+    if kern is None:
+        kern = _JITTED[key] = _import_triton().jit(**kw)(fn)
+    return kern
+
+
+def _seq_fwd(q, k, v, src, trn, mrk, dirc, y, h0, hT, ckpt, cu, ck_off, H, CS,
+             K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             HAS_H0: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    offk = tl.arange(0, BK)
+    offv = vb * BV + tl.arange(0, BV)
+    mk = offk < K
+    mv = offv < V
+    mt = mk[:, None] & mv[None, :]
+    tile = offk[:, None] * V + offv[None, :]
+    start = tl.load(cu + n).to(tl.int64)
+    end = tl.load(cu + n + 1).to(tl.int64)
+    c_idx = tl.load(ck_off + n).to(tl.int64)
+    if HAS_H0:
+        c = tl.load(h0 + (n * H + h) * (K * V) + tile, mask=mt, other=0.0).to(tl.float32)
+    else:
+        c = tl.zeros([BK, BV], dtype=tl.float32)
+    t = start
+    while t < end:
+        if (t - start) % CS == 0:
+            tl.store(ckpt + (c_idx * H + h) * (K * V) + tile, c, mask=mt)
+            c_idx += 1
+        qq = tl.load(q + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        kk = tl.load(k + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        vv = tl.load(v + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+        s = tl.load(src + t * H + h).to(tl.float32)
+        tau = tl.load(trn + t * H + h).to(tl.float32)
+        m = tl.load(mrk + t * H + h).to(tl.float32)
+        d = tl.load(dirc + t * H + h).to(tl.float32)
+        out = m * tl.sum(qq[:, None] * c, axis=0) + (d * tl.sum(qq * kk, axis=0)) * vv
+        tl.store(y + (t * H + h) * V + offv, out, mask=mv)
+        c = tau * c + s * (kk[:, None] * vv[None, :])
+        t += 1
+    tl.store(hT + (n * H + h) * (K * V) + tile, c, mask=mt)
+
+def _seq_bwd(q, k, v, src, trn, mrk, dy, dhT, ckpt, scratch, dq, dk, dv, ds, dtr, dm, dh0, cu, ck_off,
+             H, CS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    prog = (n * H + h) * tl.num_programs(2) + vb
+    offk = tl.arange(0, BK)
+    offv = vb * BV + tl.arange(0, BV)
+    mk = offk < K
+    mv = offv < V
+    mt = mk[:, None] & mv[None, :]
+    tile = offk[:, None] * V + offv[None, :]
+    stile = offk[:, None] * BV + tl.arange(0, BV)[None, :]  # scratch rows are [BK, BV]
+    start = tl.load(cu + n).to(tl.int64)
+    end = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(ck_off + n).to(tl.int64)
+    c_last = tl.load(ck_off + n + 1).to(tl.int64) - 1
+    dc = tl.load(dhT + (n * H + h) * (K * V) + tile, mask=mt, other=0.0)
+    base = scratch + prog * CS * (BK * BV)
+    ci = c_last
+    while ci >= c0:
+        t0 = start + (ci - c0) * CS
+        t1 = tl.minimum(t0 + CS, end)
+        c = tl.load(ckpt + (ci * H + h) * (K * V) + tile, mask=mt, other=0.0)
+        t = t0
+        while t < t1:  # recompute the chunk's states: scratch[t - t0] = C_{t-1}
+            tl.store(base + (t - t0) * (BK * BV) + stile, c)
             kk = tl.load(k + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
             vv = tl.load(v + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
             s = tl.load(src + t * H + h).to(tl.float32)
             tau = tl.load(trn + t * H + h).to(tl.float32)
-            m = tl.load(mrk + t * H + h).to(tl.float32)
-            d = tl.load(dirc + t * H + h).to(tl.float32)
-            out = m * tl.sum(qq[:, None] * c, axis=0) + (d * tl.sum(qq * kk, axis=0)) * vv
-            tl.store(y + (t * H + h) * V + offv, out, mask=mv)
             c = tau * c + s * (kk[:, None] * vv[None, :])
             t += 1
-        tl.store(hT + (n * H + h) * (K * V) + tile, c, mask=mt)
-
-    @triton.jit(do_not_specialize=["CS"])
-    def _seq_bwd(q, k, v, src, trn, mrk, dy, dhT, ckpt, scratch, dq, dk, dv, ds, dtr, dm, dh0, cu, ck_off,
-                 H, CS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        vb = tl.program_id(2)
-        prog = (n * H + h) * tl.num_programs(2) + vb
-        offk = tl.arange(0, BK)
-        offv = vb * BV + tl.arange(0, BV)
-        mk = offk < K
-        mv = offv < V
-        mt = mk[:, None] & mv[None, :]
-        tile = offk[:, None] * V + offv[None, :]
-        stile = offk[:, None] * BV + tl.arange(0, BV)[None, :]  # scratch rows are [BK, BV]
-        start = tl.load(cu + n).to(tl.int64)
-        end = tl.load(cu + n + 1).to(tl.int64)
-        c0 = tl.load(ck_off + n).to(tl.int64)
-        c_last = tl.load(ck_off + n + 1).to(tl.int64) - 1
-        dc = tl.load(dhT + (n * H + h) * (K * V) + tile, mask=mt, other=0.0)
-        base = scratch + prog * CS * (BK * BV)
-        ci = c_last
-        while ci >= c0:
-            t0 = start + (ci - c0) * CS
-            t1 = tl.minimum(t0 + CS, end)
-            c = tl.load(ckpt + (ci * H + h) * (K * V) + tile, mask=mt, other=0.0)
-            t = t0
-            while t < t1:  # recompute the chunk's states: scratch[t - t0] = C_{t-1}
-                tl.store(base + (t - t0) * (BK * BV) + stile, c)
-                kk = tl.load(k + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                vv = tl.load(v + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-                s = tl.load(src + t * H + h).to(tl.float32)
-                tau = tl.load(trn + t * H + h).to(tl.float32)
-                c = tau * c + s * (kk[:, None] * vv[None, :])
-                t += 1
-            tl.debug_barrier()
-            t = t1 - 1
-            while t >= t0:
-                cp = tl.load(base + (t - t0) * (BK * BV) + stile, cache_modifier=".cg")
-                qq = tl.load(q + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                kk = tl.load(k + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-                vv = tl.load(v + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-                gy = tl.load(dy + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-                s = tl.load(src + t * H + h).to(tl.float32)
-                tau = tl.load(trn + t * H + h).to(tl.float32)
-                m = tl.load(mrk + t * H + h).to(tl.float32)
-                # through C_t = tau C_{t-1} + s k v^T
-                dcv = tl.sum(dc * vv[None, :], axis=1)  # [BK]
-                tl.atomic_add(ds + t * H + h, tl.sum(dcv * kk, axis=0))
-                tl.atomic_add(dk + (t * H + h) * K + offk, s * dcv, mask=mk)
-                tl.atomic_add(dv + (t * H + h) * V + offv, s * tl.sum(dc * kk[:, None], axis=0), mask=mv)
-                tl.atomic_add(dtr + t * H + h, tl.sum(tl.sum(cp * dc, axis=1), axis=0))
-                # through y_t = m q^T C_{t-1}
-                cdy = tl.sum(cp * gy[None, :], axis=1)  # [BK]
-                tl.atomic_add(dm + t * H + h, tl.sum(qq * cdy, axis=0))
-                tl.atomic_add(dq + (t * H + h) * K + offk, m * cdy, mask=mk)
-                dc = tau * dc + m * (qq[:, None] * gy[None, :])
-                t -= 1
-            tl.debug_barrier()  # the scratch is rewritten by the previous chunk
-            ci -= 1
-        tl.store(dh0 + (n * H + h) * (K * V) + tile, dc, mask=mt)
+        tl.debug_barrier()
+        t = t1 - 1
+        while t >= t0:
+            cp = tl.load(base + (t - t0) * (BK * BV) + stile, cache_modifier=".cg")
+            qq = tl.load(q + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            kk = tl.load(k + (t * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vv = tl.load(v + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            gy = tl.load(dy + (t * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            s = tl.load(src + t * H + h).to(tl.float32)
+            tau = tl.load(trn + t * H + h).to(tl.float32)
+            m = tl.load(mrk + t * H + h).to(tl.float32)
+            # through C_t = tau C_{t-1} + s k v^T
+            dcv = tl.sum(dc * vv[None, :], axis=1)  # [BK]
+            tl.atomic_add(ds + t * H + h, tl.sum(dcv * kk, axis=0))
+            tl.atomic_add(dk + (t * H + h) * K + offk, s * dcv, mask=mk)
+            tl.atomic_add(dv + (t * H + h) * V + offv, s * tl.sum(dc * kk[:, None], axis=0), mask=mv)
+            tl.atomic_add(dtr + t * H + h, tl.sum(tl.sum(cp * dc, axis=1), axis=0))
+            # through y_t = m q^T C_{t-1}
+            cdy = tl.sum(cp * gy[None, :], axis=1)  # [BK]
+            tl.atomic_add(dm + t * H + h, tl.sum(qq * cdy, axis=0))
+            tl.atomic_add(dq + (t * H + h) * K + offk, m * cdy, mask=mk)
+            dc = tau * dc + m * (qq[:, None] * gy[None, :])
+            t -= 1
+        tl.debug_barrier()  # the scratch is rewritten by the previous chunk
+        ci -= 1
+    tl.store(dh0 + (n * H + h) * (K * V) + tile, dc, mask=mt)
 
 
-    @triton.jit
-    def _seq_step(q, k, v, src, trn, mrk, dirc, state, y, new_state, H,
-                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
-        """One decoding step for program (b, h, V-block): read out, then update the state."""
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        vb = tl.program_id(2)
-        offk = tl.arange(0, BK)
-        offv = vb * BV + tl.arange(0, BV)
-        mk = offk < K
-        mv = offv < V
-        mt = mk[:, None] & mv[None, :]
-        tile = (b * H + h) * (K * V) + offk[:, None] * V + offv[None, :]
-        qq = tl.load(q + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-        kk = tl.load(k + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-        vv = tl.load(v + (b * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
-        s = tl.load(src + b * H + h).to(tl.float32)
-        tau = tl.load(trn + b * H + h).to(tl.float32)
-        m = tl.load(mrk + b * H + h).to(tl.float32)
-        d = tl.load(dirc + b * H + h).to(tl.float32)
-        out = (d * tl.sum(qq * kk, axis=0)) * vv
-        upd = s * (kk[:, None] * vv[None, :])
-        if HAS_STATE:
-            c = tl.load(state + tile, mask=mt, other=0.0).to(tl.float32)
-            out += m * tl.sum(qq[:, None] * c, axis=0)
-            upd += tau * c
-        tl.store(y + (b * H + h) * V + offv, out, mask=mv)
-        tl.store(new_state + tile, upd, mask=mt)
+def _seq_step(q, k, v, src, trn, mrk, dirc, state, y, new_state, H,
+              K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
+    """One decoding step for program (b, h, V-block): read out, then update the state."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    vb = tl.program_id(2)
+    offk = tl.arange(0, BK)
+    offv = vb * BV + tl.arange(0, BV)
+    mk = offk < K
+    mv = offv < V
+    mt = mk[:, None] & mv[None, :]
+    tile = (b * H + h) * (K * V) + offk[:, None] * V + offv[None, :]
+    qq = tl.load(q + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+    kk = tl.load(k + (b * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+    vv = tl.load(v + (b * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+    s = tl.load(src + b * H + h).to(tl.float32)
+    tau = tl.load(trn + b * H + h).to(tl.float32)
+    m = tl.load(mrk + b * H + h).to(tl.float32)
+    d = tl.load(dirc + b * H + h).to(tl.float32)
+    out = (d * tl.sum(qq * kk, axis=0)) * vv
+    upd = s * (kk[:, None] * vv[None, :])
+    if HAS_STATE:
+        c = tl.load(state + tile, mask=mt, other=0.0).to(tl.float32)
+        out += m * tl.sum(qq[:, None] * c, axis=0)
+        upd += tau * c
+    tl.store(y + (b * H + h) * V + offv, out, mask=mv)
+    tl.store(new_state + tile, upd, mask=mt)
 
 
 def _blocks(dk: int, dv: int):
     if not (1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
         raise ValueError(f"backend='triton' supports head dims 1..{MAX_HEAD_DIM}, got K={dk}, V={dv}")
-    bk = triton.next_power_of_2(dk)
-    bv = min(triton.next_power_of_2(dv), max(16, 4096 // bk))
+    bk = _pow2(dk)
+    bv = min(_pow2(dv), max(16, 4096 // bk))
     warps = min(16, max(1, bk * bv // 256))
     return bk, bv, warps
 
@@ -219,9 +249,9 @@ class _SeqScan(torch.autograd.Function):
         y = torch.empty(B * T, H, V, dtype=v.dtype, device=v.device)
         hT = torch.empty(N, H, K, V, **f32)
         h0 = initial_state.contiguous() if initial_state is not None else hT
-        grid = (N, H, triton.cdiv(V, bv))
+        grid = (N, H, -(-V // bv))
         if N:
-            _seq_fwd[grid](qf, kf, vf, *gates, y, h0, hT, ckpt, cu, ck_off, H, cs, K=K, V=V, BK=bk, BV=bv,
+            _jit(_seq_fwd, do_not_specialize=["CS"])[grid](qf, kf, vf, *gates, y, h0, hT, ckpt, cu, ck_off, H, cs, K=K, V=V, BK=bk, BV=bv,
                            HAS_H0=initial_state is not None, num_warps=warps)
         ctx.save_for_backward(qf, kf, vf, *gates, ckpt, cu, ck_off)
         ctx.meta = (B, T, H, K, V, N, cs, initial_state is not None,
@@ -245,11 +275,11 @@ class _SeqScan(torch.autograd.Function):
         ds_, dtr, dm = (torch.zeros(B * T, H, **f32) for _ in range(3))
         dh0 = torch.zeros(N, H, K, V, **f32)
         bk, bv, warps = _blocks(K, V)
-        nvb = triton.cdiv(V, bv)
+        nvb = -(-V // bv)
         if N:
             scratch = torch.empty(N * H * nvb * cs, bk, bv, **f32)
             dhT = (dhT if dhT is not None else torch.zeros(N, H, K, V, **f32)).float().contiguous()
-            _seq_bwd[(N, H, nvb)](qf, kf, vf, s, tr, m, dyf, dhT, ckpt, scratch, dq, dk, dv, ds_, dtr, dm, dh0,
+            _jit(_seq_bwd, do_not_specialize=["CS"])[(N, H, nvb)](qf, kf, vf, s, tr, m, dyf, dhT, ckpt, scratch, dq, dk, dv, ds_, dtr, dm, dh0,
                                   cu, ck_off, H, cs, K=K, V=V, BK=bk, BV=bv, num_warps=warps)
         shp = lambda t, dt: t.view(B, T, H, *t.shape[2:]).to(dt)  # noqa: E731
         grads = (
@@ -328,7 +358,7 @@ def plstm_sequence_step_triton(
     if out_state is None:
         out_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     y = torch.empty(B, H, V, dtype=v.dtype, device=v.device)
-    _seq_step[(B, H, triton.cdiv(V, bv))](
+    _jit(_seq_step)[(B, H, -(-V // bv))](
         q, k, v, *gates, state if state is not None else out_state, y, out_state, H,
         K=K, V=V, BK=bk, BV=bv, HAS_STATE=state is not None, num_warps=warps,
     )

@@ -151,3 +151,18 @@ def test_package_imports_without_triton():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_triton_is_imported_lazily():
+    # importing the kernels (or asking for the backends) must not import triton: whether triton runs under
+    # the CPU interpreter is fixed when triton is imported, and a test may set TRITON_INTERPRET later
+    code = (
+        "import os, sys\n"
+        "os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import plstm_graph\n"
+        "from plstm_graph.kernels import dag, sequence\n"
+        "plstm_graph.dag_backends(); dag.available(); sequence.available()\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
