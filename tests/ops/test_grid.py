@@ -54,7 +54,7 @@ def test_reference_equals_dag(Y, X):
 
 
 @pytest.mark.parametrize("Y,X", SIZES)
-@pytest.mark.parametrize("tile", [None, 1, 2, 3, (2, 4)])
+@pytest.mark.parametrize("tile", [None, 1, 2, 3, (4, 3)])
 def test_tiled_equals_dag(Y, X, tile):
     inputs = make_inputs(2, Y, X, 2, 3, 2, seed=Y * 10 + X)
     assert_same(lambda t: plstm_grid(*t, backend="tiled", tile=tile), dag_forward, inputs)
@@ -68,12 +68,23 @@ def test_tiled_equals_reference_not_multiple_of_tile(Y, X, tile):
                 lambda t: plstm_grid(*t, backend="reference"), inputs)
 
 
-def test_gradcheck_tiled_float64():
+@pytest.mark.parametrize("Py,Px", [(1, 5), (2, 3), (4, 1), (8, 5), (16, 7)])
+def test_tile_matrices_doubling_equals_row_dp(Py, Px):
+    from plstm_graph.ops.grid.tiled import tile_matrices, tile_matrices_doubling
+
+    gen = torch.Generator().manual_seed(Py * Px)
+    gates = [torch.randn(3, Py, Px, generator=gen, dtype=torch.float64) for _ in range(8)]
+    for a, b in zip(tile_matrices(*gates), tile_matrices_doubling(*gates)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tile", [2, (3, 2)])  # doubling / row-DP tile matrices
+def test_gradcheck_tiled_float64(tile):
     inputs = make_inputs(1, 3, 4, 1, 2, 2, seed=5)
     inputs[5] = inputs[5].clone()
     inputs[5][0, 1, 2, 0] = 0.0  # an exact zero transition inside a row product
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    assert torch.autograd.gradcheck(lambda *t: plstm_grid(*t, backend="tiled", tile=2), leaves)
+    assert torch.autograd.gradcheck(lambda *t: plstm_grid(*t, backend="tiled", tile=tile), leaves)
 
 
 def test_gradcheck_tiled_single_tile_float64():

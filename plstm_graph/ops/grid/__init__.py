@@ -7,7 +7,7 @@ Backends (``backend=``):
 
 * ``"reference"``: :mod:`.reference`, one node at a time; the oracle of the tests.
 * ``"tiled"``: :mod:`.tiled`, matmul-dominated per-tile gating matrices plus a wavefront over tiles
-  (``tile=(Py, Px)``; default :func:`default_tile`: 16 x 16 capped at the grid size).
+  (``tile=(Py, Px)``; default :func:`default_tile`: 16 x 16, shrunk for smaller grids).
 * ``"auto"``: ``"tiled"``.
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def plstm_grid(
     Args:
         backend: ``"auto"`` (= ``"tiled"``), ``"tiled"`` or ``"reference"``.
         tile: ``tiled`` only: tile side ``P`` or ``(Py, Px)``, capped at the grid size; default
-            :func:`default_tile`. ``1`` is the node-level anti-diagonal wavefront.
+            :func:`default_tile`. ``1`` is the node-level anti-diagonal wavefront. Power-of-two heights
+            build the tile matrices in ``log2(Py)`` steps, others in ``Py`` steps.
 
     Example:
         >>> import torch
@@ -106,11 +107,12 @@ def plstm_grid(
     Y, X = q.shape[1], q.shape[2]
     if tile is None:
         tile = default_tile(Y, X)
-    elif isinstance(tile, int):
-        tile = (tile, tile)
-    if len(tile) != 2 or min(tile) < 1:
-        raise ValueError(f"tile must be a positive int or a pair (Py, Px), got {tile!r}")
-    tile = (min(int(tile[0]), Y), min(int(tile[1]), X))
+    else:
+        if isinstance(tile, int):
+            tile = (tile, tile)
+        if len(tile) != 2 or min(tile) < 1:
+            raise ValueError(f"tile must be a positive int or a pair (Py, Px), got {tile!r}")
+        tile = (min(int(tile[0]), Y), min(int(tile[1]), X))
     out_dtype = v.dtype
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     args = [t.to(acc) for t in (q, k, v) + gates]

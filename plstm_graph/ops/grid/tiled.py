@@ -10,7 +10,10 @@ Everything below is batched over (batch, head, tile); nothing walks the grid nod
    A DP over the *rows* of the tile (``Py`` batched steps) carries, for every down edge leaving a row, its
    coefficient vector over the sources. Inside one row the right-edge chain is solved in closed form:
    ``R = L @ (source_r e_node + trans_dr * D_above)`` with ``L[j, m] = prod_{m < l <= j} trans_rr[l]``
-   (a ``Px x Px`` lower-triangular matrix). Reading the marks at every node gives
+   (a ``Px x Px`` lower-triangular matrix). This readable DP (:func:`tile_matrices`) is used for tile
+   heights that are not powers of two; for powers of two (the default) :func:`tile_matrices_doubling`
+   solves all rows at once in closed form and merges strips of rows pairwise, ``log2(Py)`` batched
+   matmul steps (the paper's log-depth construction, over rows). Reading the marks at every node gives
 
    * ``G   [N, N]``      node -> node path sums inside the tile (+ ``direct`` on the diagonal),
    * ``Min [N, A]``      boundary edge entering the tile -> node (``A = Py + Px``: rows, then columns),
@@ -38,15 +41,16 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["plstm_grid_tiled", "tile_matrices", "default_tile"]
+__all__ = ["plstm_grid_tiled", "tile_matrices", "tile_matrices_doubling", "default_tile"]
 
 
 def default_tile(Y: int, X: int) -> Tuple[int, int]:
-    """The tile used when none is given: 16 x 16, shrunk to the grid when the grid is smaller.
+    """The tile used when none is given: ``(min(16, next power of two >= Y), min(16, X))``.
 
     16 makes a 16 x 16 grid (a 256 px image at patch 16) one fully parallel tile and keeps the per-tile
-    gating tensors (``~P^4`` floats per tile and head) small at 32 x 32 .. 128 x 128."""
-    return min(Y, 16), min(X, 16)
+    gating tensors (``~P^4`` floats per tile and head) small at 32 x 32 .. 128 x 128; a power-of-two height
+    lets the tile matrices be built by log-depth doubling (:func:`tile_matrices_doubling`)."""
+    return min(16, 1 << max(0, Y - 1).bit_length()), min(16, X)
 
 
 def _row_products(t: torch.Tensor) -> torch.Tensor:
@@ -93,6 +97,52 @@ def tile_matrices(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, ma
     return g_full, t_out
 
 
+def _strip_merge(o: torch.Tensor, n: int, h: int, Px: int) -> torch.Tensor:
+    """Merge vertically adjacent strips pairwise: ``o [W, c, R, C]`` -> ``[W, c/2, R', C']``.
+
+    A strip of ``h`` rows (``n = h*Px`` nodes) is one matrix with rows (marks read at its ``n`` nodes,
+    its ``h`` right edges leaving, its ``Px`` down edges leaving) and columns (its ``n`` nodes, its ``h``
+    right edges entering, its ``Px`` down edges entering). The bottom strip's entering down edges are the
+    top strip's leaving ones, so the bottom strip's rows are re-expressed through one matmul.
+    """
+    W, c, rows, cols = o.shape
+    pair = o.reshape(W, c // 2, 2, rows, cols)
+    top, bot = pair[:, :, 0], pair[:, :, 1]
+    x = bot[..., n + h:] @ top[..., n + h:, :]  # bottom rows through the top strip's leaving down edges
+    z = lambda k, r: o.new_zeros(W, c // 2, r, k)  # noqa: E731
+    top_c = torch.cat([top[..., :n + h, :n], z(n, n + h), top[..., :n + h, n:n + h], z(h, n + h),
+                       top[..., :n + h, n + h:]], dim=-1)  # top strip rows: marks, right edges leaving
+    bot_c = torch.cat([x[..., :n], bot[..., :n], x[..., n:n + h], bot[..., n:n + h], x[..., n + h:]], dim=-1)
+    return torch.cat([top_c[..., :n, :], bot_c[..., :n, :], top_c[..., n:, :], bot_c[..., n:, :]], dim=-2)
+
+
+def tile_matrices_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d):
+    """Same result as :func:`tile_matrices` (``Py`` must be a power of two), in ``log2(Py)`` batched steps:
+    every row of every tile is solved in closed form at once, then strips are merged pairwise
+    (:func:`_strip_merge`), each merge one batched matmul."""
+    W, Py, Px = source_r.shape
+    if Py & (Py - 1):
+        raise ValueError(f"tile_matrices_doubling needs a power-of-two tile height, got {Py}")
+    S1 = 2 * Px + 1  # one row's sources: its Px nodes, its left edge, its Px top edges
+    eye = torch.eye(S1, dtype=source_r.dtype, device=source_r.device)
+    prods = _row_products(trans_rr)  # [W, Py, Px, Px+1]
+    Lb, L = prods[..., 0], prods[..., 1:]
+    # right edge leaving every node, over the row's sources
+    r = torch.cat([L * source_r[..., None, :], Lb[..., None], L * trans_dr[..., None, :]], dim=-1)  # [W,Py,Px,S1]
+    r_in = torch.cat([eye[Px].expand(W, Py, 1, S1), r[..., :-1, :]], dim=-2)  # right edge entering
+    d_in = eye[Px + 1:]  # [Px, S1] down edge entering every node (the row's top boundary)
+    marks = mark_r[..., None] * r_in + mark_d[..., None] * d_in
+    d_out = source_d[..., None] * eye[:Px] + trans_rd[..., None] * r_in + trans_dd[..., None] * d_in
+    o = torch.cat([marks, r[..., -1:, :], d_out], dim=-2)  # [W, Py, 2Px+1, S1]
+    h = 1
+    while o.shape[1] > 1:
+        o = _strip_merge(o, h * Px, h, Px)
+        h *= 2
+    o = o[:, 0]  # [W, N + Py + Px, S]
+    N = Py * Px
+    return o[:, :N], o[:, N:]
+
+
 def _to_tiles(t: torch.Tensor, Py: int, Px: int) -> torch.Tensor:
     """``[B, Y, X, H, *F]`` -> ``[B, H, nYt, nXt, Py*Px, *F]`` (zero-padded to whole tiles)."""
     B, Y, X, H = t.shape[:4]
@@ -128,7 +178,8 @@ def plstm_grid_tiled(q, k, v, source_r, source_d, trans_rr, trans_rd, trans_dd, 
                                             mark_r, mark_d, direct)]
     W = B * H * nyt * nxt
     tiled = [g.reshape(W, Py, Px) for g in gates[:8]]
-    g_full, t_out = tile_matrices(*tiled)  # [W, N, S], [W, A, S]
+    build = tile_matrices_doubling if Py & (Py - 1) == 0 else tile_matrices
+    g_full, t_out = build(*tiled)  # [W, N, S], [W, A, S]
     G = torch.diag_embed(gates[8].reshape(W, N)) + g_full[..., :N]  # [W, N, N]
     Qw, Kw, Vw = Qt.reshape(W, N, dk), Kt.reshape(W, N, dk), Vt.reshape(W, N, dv)
     y = ((Qw @ Kw.transpose(1, 2)) * G) @ Vw  # [W, N, V] intra-tile (and direct)
