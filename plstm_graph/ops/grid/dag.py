@@ -66,7 +66,7 @@ def grid_dag(Y: int, X: int, batch: int = 1, mode: str = "P") -> GridDAG:
     Example:
         >>> g = grid_dag(2, 3)
         >>> g.schedule.num_nodes, g.schedule.num_edges, g.schedule.num_line_edges
-        (6, 7, 8)
+        (6, 7, 6)
     """
     if Y < 1 or X < 1 or batch < 1:
         raise ValueError(f"grid_dag needs Y, X, batch >= 1, got Y={Y}, X={X}, batch={batch}")
