@@ -1,0 +1,141 @@
+"""Grid pLSTM operator: tiled fast path == readable reference == plstm_dag on the grid DAG (SPEC section 5)."""
+import pytest
+import torch
+
+from plstm_graph import plstm_dag
+from plstm_graph.ops.grid import grid_dag, plstm_grid
+
+GATES = ("source_r", "source_d", "trans_rr", "trans_rd", "trans_dd", "trans_dr", "mark_r", "mark_d", "direct")
+
+
+def make_inputs(B, Y, X, H, K, V, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Y, X, H, K, generator=gen, dtype=dtype)
+    k = torch.randn(B, Y, X, H, K, generator=gen, dtype=dtype)
+    v = torch.randn(B, Y, X, H, V, generator=gen, dtype=dtype)
+    # gates of both signs and magnitudes up to ~1, as a P/D layer may produce
+    gates = [(torch.rand(B, Y, X, H, generator=gen, dtype=dtype) * 2 - 1) for _ in GATES]
+    return [q, k, v] + gates
+
+
+def dag_forward(inputs):
+    q, k, v, *gates = inputs
+    B, Y, X = q.shape[:3]
+    g = grid_dag(Y, X, batch=B)
+    src, trans, mark, direct = g.to_dag_gates(*gates)
+    y = plstm_dag(g.to_dag_nodes(q), g.to_dag_nodes(k), g.to_dag_nodes(v), src, trans, mark, direct, g.schedule,
+                  backend="levels")
+    return g.from_dag_nodes(y)
+
+
+def grads(fn, inputs, seed=1):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    y = fn(leaves)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    gs = torch.autograd.grad((y * w).sum(), leaves, allow_unused=True)
+    return y.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, gs)]
+
+
+def assert_same(fa, fb, inputs, atol=1e-9):
+    ya, ga = grads(fa, inputs)
+    yb, gb = grads(fb, inputs)
+    torch.testing.assert_close(ya, yb, atol=atol, rtol=1e-7)
+    for name, a, b in zip(("q", "k", "v") + GATES, ga, gb):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-7, msg=lambda m: f"grad of {name}: {m}")
+
+
+SIZES = [(4, 4), (3, 7), (7, 3), (1, 6), (6, 1), (5, 5), (1, 1), (2, 9)]
+
+
+@pytest.mark.parametrize("Y,X", SIZES)
+def test_reference_equals_dag(Y, X):
+    inputs = make_inputs(2, Y, X, 2, 3, 2)
+    assert_same(lambda t: plstm_grid(*t, backend="reference"), dag_forward, inputs)
+
+
+@pytest.mark.parametrize("Y,X", SIZES)
+@pytest.mark.parametrize("tile", [None, 1, 2, 3, (4, 3)])
+def test_tiled_equals_dag(Y, X, tile):
+    inputs = make_inputs(2, Y, X, 2, 3, 2, seed=Y * 10 + X)
+    assert_same(lambda t: plstm_grid(*t, backend="tiled", tile=tile), dag_forward, inputs)
+
+
+@pytest.mark.parametrize("Y,X,tile", [(9, 11, 4), (13, 6, 5), (3, 18, None), (18, 2, 16), (6, 10, 3)])
+def test_tiled_equals_reference_not_multiple_of_tile(Y, X, tile):
+    # larger grids than the DAG comparison; includes the default 16-tile with a ragged last tile
+    inputs = make_inputs(1, Y, X, 2, 4, 3, seed=3)
+    assert_same(lambda t: plstm_grid(*t, backend="tiled", tile=tile),
+                lambda t: plstm_grid(*t, backend="reference"), inputs)
+
+
+@pytest.mark.parametrize("Py,Px", [(1, 5), (2, 3), (4, 1), (8, 5), (16, 7)])
+def test_tile_matrices_doubling_equals_row_dp(Py, Px):
+    from plstm_graph.ops.grid.tiled import tile_matrices, tile_matrices_doubling
+
+    gen = torch.Generator().manual_seed(Py * Px)
+    gates = [torch.randn(3, Py, Px, generator=gen, dtype=torch.float64) for _ in range(8)]
+    for a, b in zip(tile_matrices(*gates), tile_matrices_doubling(*gates)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tile", [2, (3, 2)])  # doubling / row-DP tile matrices
+def test_gradcheck_tiled_float64(tile):
+    inputs = make_inputs(1, 3, 4, 1, 2, 2, seed=5)
+    inputs[5] = inputs[5].clone()
+    inputs[5][0, 1, 2, 0] = 0.0  # an exact zero transition inside a row product
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    assert torch.autograd.gradcheck(lambda *t: plstm_grid(*t, backend="tiled", tile=tile), leaves)
+
+
+def test_gradcheck_tiled_single_tile_float64():
+    leaves = [t.clone().requires_grad_(True) for t in make_inputs(1, 3, 3, 1, 2, 1, seed=6)]
+    assert torch.autograd.gradcheck(lambda *t: plstm_grid(*t, backend="tiled"), leaves)
+
+
+def test_gates_outside_grid_are_ignored():
+    B, Y, X = 1, 4, 5
+    inputs = make_inputs(B, Y, X, 2, 3, 3, seed=7)
+    _, g = grads(lambda t: plstm_grid(*t, tile=2), inputs)
+    named = dict(zip(GATES, g[3:]))
+    for name in ("trans_rr", "trans_rd", "mark_r"):  # read r(-1, y)
+        assert named[name][:, :, 0].abs().max() == 0, name
+    for name in ("trans_dd", "trans_dr", "mark_d"):  # read d(x, -1)
+        assert named[name][:, 0].abs().max() == 0, name
+    for name in ("source_r", "trans_rr", "trans_dr"):  # write r(X-1, y), which leaves the grid
+        assert named[name][:, :, -1].abs().max() == 0, name
+    for name in ("source_d", "trans_dd", "trans_rd"):  # write d(x, Y-1)
+        assert named[name][:, -1].abs().max() == 0, name
+    # and the rest is live (the checks above are not vacuous)
+    for name in GATES:
+        assert named[name][:, 1:-1, 1:-1].abs().min() > 0, name
+
+
+def test_half_precision_matches_float32():
+    inputs = make_inputs(2, 6, 5, 2, 8, 8, dtype=torch.float32, seed=8)
+    y32 = plstm_grid(*inputs, tile=4)
+    y16 = plstm_grid(*[t.to(torch.bfloat16) for t in inputs], tile=4)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.05 * y32.abs().max().item(), rtol=0.05)
+
+
+def test_bad_inputs():
+    q, k, v, *g = make_inputs(1, 3, 3, 2, 2, 2)
+    with pytest.raises(ValueError, match="trans_rd"):
+        bad = list(g)
+        bad[3] = bad[3][..., :1]
+        plstm_grid(q, k, v, *bad)
+    with pytest.raises(ValueError, match=r"\[B, Y, X, H, K\]"):
+        plstm_grid(q[0], k, v, *g)
+    with pytest.raises(ValueError, match="backend"):
+        plstm_grid(q, k, v, *g, backend="nope")
+    with pytest.raises(ValueError, match="tile"):
+        plstm_grid(q, k, v, *g, tile=0)
+
+
+def test_grid_dag_structure():
+    g = grid_dag(3, 4)
+    s = g.schedule
+    assert s.num_nodes == 12 and s.num_edges == 3 * 3 + 2 * 4
+    # interior node (1, 1): 2 in-edges x 2 out-edges; every line kind appears
+    assert set(g.line_kind.tolist()) == {0, 1, 2, 3}
+    assert s.num_levels == 3 + 4 - 1
