@@ -147,6 +147,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - report and continue
                 print(f"fla failed at {shape}: {type(exc).__name__}: {exc}")
         rows.append(row)
+        print(f"measured {row['shape']}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if k != "shape"), flush=True)
         del q, k, v, do
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -118,8 +118,11 @@ def _core(qc, kc, vc, sc, tc, mc, dc, starts, init_at_chunk, last_chunk, acc):
 
     # 4. read of the entering state
     q_weighted = (qc * (mc * from_start).to(mm)[..., None]).expand(B, H, NC, c, K)
+    # (contiguous operands: a stride-0 or transposed batch operand sends the backward's bmm to a slow
+    # fallback kernel, 100x slower on CPU)
     y = torch.baddbmm(  # y_intra + q_weighted @ entering, the add fused into the matmul
-        y_intra.reshape(-1, c, V), q_weighted.reshape(-1, c, K), entering.to(mm).reshape(-1, K, V)
+        y_intra.reshape(-1, c, V), q_weighted.reshape(-1, c, K).contiguous(),
+        entering.to(mm).reshape(-1, K, V).contiguous(),
     ).view(B, H, NC, c, V)
 
     final = total[..., last_chunk, None, None] * entering[..., last_chunk, :, :] + local[..., last_chunk, :, :].to(acc)
