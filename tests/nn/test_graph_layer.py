@@ -60,14 +60,14 @@ def test_gates_match_hand_computation():
     pre = wn[0, 0] @ x[1] + wn[0, 1] @ x[2] + we[0, 0] @ ea[1] + layer.source_bias[0]
     src = [torch.sigmoid(wn[0, 0] @ x[1] + wn[0, 1] @ x[hh] + we[0, 0] @ ea[e] + layer.source_bias[0])
            for e, hh in ((1, 2), (2, 3))]
-    expect = torch.sigmoid(pre) / max(1.0, float(src[0] + src[1]))
+    expect = torch.sigmoid(pre) / max(1.0, float((src[0] + src[1]).detach()))
     assert torch.allclose(g.source[1, 0], expect, atol=1e-6)
     # transitions of line edges (0 -> 1) and (0 -> 2) through node 1, head 1
     ts = []
     for b, w in ((1, 2), (2, 3)):
         t = wn[1, 4] @ x[0] + wn[1, 5] @ x[1] + wn[1, 6] @ x[w] + we[1, 2] @ ea[0] + we[1, 3] @ ea[b]
         ts.append(torch.tanh(5 * (t + layer.transition_bias[1])))
-    denom = max(1.0, float(ts[0].abs() + ts[1].abs()))
+    denom = max(1.0, float((ts[0].abs() + ts[1].abs()).detach()))
     li = s.line_index.t().tolist()
     for (a, b), t in zip([(0, 1), (0, 2)], ts):
         assert torch.allclose(g.transition[li.index([a, b]), 1], t / denom, atol=1e-6)
