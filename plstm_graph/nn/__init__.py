@@ -1,5 +1,18 @@
-"""Layers (``nn.Module``): own parameters, call the functional operators in :mod:`plstm_graph.ops`."""
-from .grid import MultiHeadRMSNorm, PLSTM2DLayer
+"""Layers (``nn.Module``): own parameters, call the functional operators in :mod:`plstm_graph.ops`.
+
+Graph: :class:`PLSTMGraphLayer` (P/D modes), blocks and stacks, readouts. Sequence: :class:`MultiScaleRetention`
+(RetNet), :class:`PLSTM1DLayer`. Grid: :class:`PLSTM2DLayer`.
+"""
+from .blocks import PLSTMGraphBlock, PLSTMGraphStack, default_pattern
+from .graph import GraphGates, PLSTMGraphLayer, p_normalize
+from .grid import PLSTM2DLayer
+from .norm import MultiHeadRMSNorm
+from .readout import AttentionReadout, MeanReadout, SumReadout, make_readout
 from .sequence import MultiScaleRetention, PLSTM1DLayer
 
-__all__ = ["MultiScaleRetention", "PLSTM1DLayer", "PLSTM2DLayer", "MultiHeadRMSNorm"]
+__all__ = [
+    "PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "p_normalize",
+    "PLSTMGraphBlock", "PLSTMGraphStack", "default_pattern",
+    "SumReadout", "MeanReadout", "AttentionReadout", "make_readout",
+    "MultiScaleRetention", "PLSTM1DLayer", "PLSTM2DLayer",
+]

@@ -36,25 +36,9 @@ import torch
 from torch import nn
 
 from ..ops.grid import plstm_grid
+from .norm import MultiHeadRMSNorm
 
-__all__ = ["PLSTM2DLayer", "MultiHeadRMSNorm"]
-
-
-class MultiHeadRMSNorm(nn.Module):
-    """RMSNorm over the last axis of every head separately, with a learnable per-channel scale.
-
-    Shapes: ``[..., H, V]`` -> ``[..., H, V]``; ``weight: [H * V]``.
-    """
-
-    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
-        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.view(self.num_heads, self.head_dim)).to(x.dtype)
+__all__ = ["PLSTM2DLayer"]
 
 
 _P_GATES = ("source", "alpha", "tau", "mark", "direct")

@@ -1,0 +1,33 @@
+"""Per-head output normalisation shared by the pLSTM layers (graph, grid)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MultiHeadRMSNorm"]
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """RMSNorm over the last axis of every head separately, with a learned ``[H, V]`` scale.
+
+    Computed in at least float32 (also under autocast); float64 stays float64.
+    Shapes: ``[..., H, V] -> [..., H, V]``.
+
+    Example:
+        >>> import torch
+        >>> MultiHeadRMSNorm(2, 4)(torch.randn(3, 2, 4)).shape
+        torch.Size([3, 2, 4])
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y32 = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+        y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y32 * self.weight.to(y32.dtype)).to(y.dtype)
