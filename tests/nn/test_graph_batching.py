@@ -7,7 +7,7 @@ from torch_geometric.loader import DataLoader
 from plstm_graph.graph import attach_schedules
 from plstm_graph.nn import PLSTMGraphLayer, PLSTMGraphStack
 
-from graph_factories import chain_dag, random_dag
+from .graph_factories import chain_dag, random_dag
 
 
 def _graphs():

@@ -11,7 +11,7 @@ from plstm_graph.models import PLSTMGraphModel
 from plstm_graph.nn import (AttentionReadout, MeanReadout, PLSTMGraphBlock, PLSTMGraphStack, SumReadout,
                             default_pattern, make_readout)
 
-from graph_factories import random_dag
+from .graph_factories import random_dag
 
 
 def _batch(num=4, seed=0, edge_dim=3):

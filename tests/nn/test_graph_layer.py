@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from plstm_graph import compile_dag
 from plstm_graph.nn import PLSTMGraphLayer, p_normalize
 
-from graph_factories import chain_dag, grid_dag, random_dag
+from .graph_factories import chain_dag, grid_dag, random_dag
 
 
 def _diamondish():

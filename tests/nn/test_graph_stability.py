@@ -6,7 +6,7 @@ import torch
 from plstm_graph import compile_dag
 from plstm_graph.nn import PLSTMGraphLayer
 
-from graph_factories import chain_dag, grid_dag, saturate_
+from .graph_factories import chain_dag, grid_dag, saturate_
 
 
 def _provable_bound(layer, x, s):
