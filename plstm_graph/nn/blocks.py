@@ -1,0 +1,140 @@
+"""Pre-norm residual blocks and the P/D stack used by graph models.
+
+``PLSTMGraphBlock``:  x = x + drop(layer(RMSNorm(x)));  x = x + drop(MLP(RMSNorm(x)))   (GELU MLP)
+
+``PLSTMGraphStack``: a list of blocks with a ``pattern`` of (mode, reverse) pairs. The default, for 4
+layers, is ``[("P", False), ("P", True), ("D", False), ("D", True)]``: two P-mode and two D-mode layers,
+forward and reversed DAG each, as the paper does for molecules, so information flows both ways.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..graph.schedule import DAGSchedule
+from .graph import PLSTMGraphLayer
+
+__all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "default_pattern"]
+
+
+def default_pattern(num_layers: int) -> List[Tuple[str, bool]]:
+    """``num_layers`` (mode, reverse) pairs: the first half P, the second half D, each alternating
+    forward / reversed. ``default_pattern(4) == [("P", False), ("P", True), ("D", False), ("D", True)]``."""
+    n_p = (num_layers + 1) // 2
+    return [("P" if i < n_p else "D", bool((i if i < n_p else i - n_p) % 2)) for i in range(num_layers)]
+
+
+class PLSTMGraphBlock(nn.Module):
+    """Pre-norm residual block: a :class:`PLSTMGraphLayer` then a GELU MLP, each with a residual.
+
+    Shapes: x ``[N, dim]`` -> ``[N, dim]``.
+
+    Example:
+        >>> import torch, plstm_graph
+        >>> s = plstm_graph.compile_dag(torch.tensor([[0, 1], [1, 2]]), num_nodes=3, mode="D")
+        >>> PLSTMGraphBlock(8, 2, mode="D")(torch.randn(3, 8), s).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, mode: str = "P", reverse: bool = False, edge_dim: Optional[int] = None,
+        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "levels", **layer_kwargs,
+    ):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim, eps=1e-5)
+        self.layer = PLSTMGraphLayer(dim, num_heads, mode=mode, reverse=reverse, edge_dim=edge_dim,
+                                     backend=backend, **layer_kwargs)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-5)
+        hidden = max(1, int(round(dim * mlp_ratio)))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        self.norm1.reset_parameters()
+        self.norm2.reset_parameters()
+        self.layer.reset_parameters()
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop(self.layer(self.norm1(x), schedule, edge_attr))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+Schedules = Union[DAGSchedule, Sequence[DAGSchedule], Dict[Tuple[str, bool], DAGSchedule], "Data"]
+
+
+class PLSTMGraphStack(nn.Module):
+    """A stack of :class:`PLSTMGraphBlock` following a (mode, reverse) ``pattern``, plus a final RMSNorm.
+
+    Args:
+        pattern: list of ``(mode, reverse)``; default :func:`default_pattern` (``num_layers`` is then its
+            length; giving both with different lengths is an error).
+        layer_kwargs: extra keyword arguments of every :class:`PLSTMGraphLayer` (e.g. gate inits).
+
+    ``forward(x, schedules, edge_attr=None)`` takes a PyG ``DAGData`` / batch carrying the needed
+    schedules (``attach_schedules(data, modes=("P", "D"), reverse=True)``), a dict
+    ``{(mode, reverse): DAGSchedule}``, or a list of one :class:`DAGSchedule` per layer.
+
+    Shapes: x ``[N, dim]``, edge_attr ``[E, edge_dim]`` -> ``[N, dim]``.
+
+    Example:
+        >>> import torch
+        >>> from torch_geometric.data import Data
+        >>> from plstm_graph.graph import attach_schedules
+        >>> g = attach_schedules(Data(edge_index=torch.tensor([[0, 0, 1], [1, 2, 2]]), num_nodes=3))
+        >>> PLSTMGraphStack(dim=16, num_heads=2)(torch.randn(3, 16), g).shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, num_layers: int = 4, pattern: Optional[Sequence[Tuple[str, bool]]] = None,
+        edge_dim: Optional[int] = None, mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "levels",
+        **layer_kwargs,
+    ):
+        super().__init__()
+        if pattern is None:
+            pattern = default_pattern(num_layers)
+        elif num_layers != 4 and num_layers != len(pattern):
+            raise ValueError(f"num_layers={num_layers} but the pattern has {len(pattern)} entries")
+        pattern = [(str(m), bool(r)) for m, r in pattern]
+        for m, _ in pattern:
+            if m not in ("P", "D"):
+                raise ValueError(f"pattern modes must be 'P' or 'D', got {m!r}")
+        self.pattern = pattern
+        self.blocks = nn.ModuleList(
+            PLSTMGraphBlock(dim, num_heads, mode=m, reverse=r, edge_dim=edge_dim, mlp_ratio=mlp_ratio,
+                            dropout=dropout, backend=backend, **layer_kwargs)
+            for m, r in pattern
+        )
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+
+    def reset_parameters(self) -> None:
+        for b in self.blocks:
+            b.reset_parameters()
+        self.norm.reset_parameters()
+
+    def _schedule_for(self, i: int, schedules):
+        mode, rev = self.pattern[i]
+        if isinstance(schedules, DAGSchedule):
+            if len(self.pattern) > 1:
+                raise ValueError("a single DAGSchedule fits a one-layer stack only; pass a PyG batch, a dict "
+                                 "{(mode, reverse): schedule} or one schedule per layer")
+            return schedules
+        if isinstance(schedules, dict):
+            if (mode, rev) not in schedules:
+                raise ValueError(f"no schedule for (mode={mode!r}, reverse={rev}) in the dict")
+            return schedules[(mode, rev)]
+        if isinstance(schedules, (list, tuple)):
+            if len(schedules) != len(self.pattern):
+                raise ValueError(f"got {len(schedules)} schedules for {len(self.pattern)} layers")
+            return schedules[i]
+        return schedules  # a PyG batch: the layer picks batch.schedule(mode, reverse)
+
+    def forward(self, x: torch.Tensor, schedules: Schedules, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, self._schedule_for(i, schedules), edge_attr)
+        return self.norm(x)

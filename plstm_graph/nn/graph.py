@@ -1,0 +1,313 @@
+"""pLSTM layers on DAGs: node (and edge) features -> gates -> :func:`plstm_graph.plstm_dag` -> node features.
+
+One layer computes, per head ``h`` (SPEC sections 2 and 3)::
+
+    q_n = W_q x_n * K^-0.5,   k_n = W_k x_n,   v_n = W_v x_n                       [N, H, K] / [N, H, V]
+    source[b]       = sigmoid(s_b)         for b = (u -> w);  s_b from (x_u, x_w, e_b)
+    transition[a,b] = tanh(tau * t_ab)     for a = (x -> u), b = (u -> w);  t_ab from (x_x, x_u, x_w, e_a, e_b)
+    mark[a]         = sigmoid(m_a)         for a = (x -> n);  m_a from (x_n, x_x, e_a)
+    direct[n]       = sigmoid(d_n)         d_n from x_n
+    y = out_proj(RMSNorm_per_head(plstm_dag(q, k, v, source, transition, mark, direct)))
+
+Every pre-activation is a sum of per-node linear maps gathered along the edge / line edge plus linear
+maps of the edge features, so a gate sees only its local neighbourhood and there is no maximum degree
+(the reference implementation of the paper reserves one parameter slot per neighbour instead).
+
+Modes (SPEC section 3):
+
+* ``"P"`` (propagation, full line graph): sources and transitions are normalised per node,
+  ``source[b] /= max(1, sum_{b' leaving u} |source[b']|)`` and
+  ``transition[a, b] /= max(1, sum_{b'} |transition[a, b']|)``; the bound holds for any input and a
+  signal is never amplified. With saturated transitions a node at criticality splits its incoming state
+  evenly over its outgoing edges (activation is conserved).
+* ``"D"`` (diffusion) runs on the multitree schedule, where ``|transition| <= 1`` and ``|source| <= 1``
+  already bound every state; no normalisation is needed.
+
+``normalize=False`` turns the P-mode normalisation off (for the stability benchmark only: it explodes).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from ..graph.schedule import DAGSchedule
+from ..ops import plstm_dag
+
+__all__ = ["PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "p_normalize", "resolve_schedule"]
+
+
+# torch.compile: the operator runs eagerly (a graph break). Its level loop is data-dependent, and the levels
+# backend caches index plans on the schedule inside its autograd.Function, which dynamo cannot trace
+# (InternalTorchDynamoError on torch 2.13). Projections, gates and norms around it are still compiled.
+_plstm_dag_eager = torch.compiler.disable(plstm_dag)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; keep float32 / float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class GraphGates(NamedTuple):
+    """Gates of one layer call. Shapes: source, mark ``[E, H]``; transition ``[L, H]``; direct ``[N, H]``."""
+
+    source: torch.Tensor
+    transition: torch.Tensor
+    mark: torch.Tensor
+    direct: torch.Tensor
+
+
+def p_normalize(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Divide every value by ``max(1, sum of |values| in its group)`` (the P-mode rule, SPEC section 3).
+
+    After this, ``sum_{i in g} |out_i| <= 1`` for every group ``g`` (up to float rounding), and groups
+    already inside the bound are unchanged. Used with ``group = tail of each edge`` for sources and
+    ``group = incoming edge a of each line edge (a, b)`` for transitions.
+
+    Shapes:
+        values: ``[M, H]`` (finite); group: ``[M]`` long in ``[0, num_groups)``; returns ``[M, H]``.
+
+    Example:
+        >>> import torch
+        >>> out = p_normalize(torch.tensor([[0.8], [0.6], [0.3]]), torch.tensor([0, 0, 1]), 2)
+        >>> [round(v, 4) for v in out.flatten().tolist()]       # group 0 sums to 1.4 -> divided by 1.4
+        [0.5714, 0.4286, 0.3]
+    """
+    if values.numel() == 0:
+        return values
+    total = torch.zeros(num_groups, values.size(1), dtype=values.dtype, device=values.device)
+    total = total.index_add(0, group, values.abs())  # [G, H]
+    return values / total.clamp(min=1.0)[group]
+
+
+def resolve_schedule(schedule, mode: str, reverse: bool) -> DAGSchedule:
+    """A :class:`DAGSchedule` from either a schedule or a PyG ``DAGData`` / batch (``batch.schedule``)."""
+    if isinstance(schedule, DAGSchedule):
+        if schedule.mode != mode:
+            raise ValueError(
+                f"a {mode}-mode layer got a {schedule.mode}-mode schedule; compile it with "
+                f"compile_dag(..., mode={mode!r}) or pass the PyG batch (DAGData) instead"
+            )
+        return schedule
+    if hasattr(schedule, "schedule") and callable(schedule.schedule):
+        return schedule.schedule(mode, reverse)
+    raise TypeError(
+        "schedule must be a DAGSchedule (plstm_graph.compile_dag) or a DAGData / PyG batch built with "
+        f"plstm_graph.graph.attach_schedules, got {type(schedule).__name__}"
+    )
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """RMSNorm over the last axis of every head separately, with a learned ``[H, V]`` scale.
+
+    Computed in float32 (also under autocast). Shapes: ``[N, H, V] -> [N, H, V]``.
+
+    Example:
+        >>> import torch
+        >>> MultiHeadRMSNorm(2, 4)(torch.randn(3, 2, 4)).shape
+        torch.Size([3, 2, 4])
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y32 = _at_least_fp32(y)
+        y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y32 * self.weight.to(y32.dtype)).to(y.dtype)
+
+
+class PLSTMGraphLayer(nn.Module):
+    """pLSTM layer on a DAG (P- or D-mode): ``[N, dim] -> [N, dim]``.
+
+    Args:
+        dim: node feature width.
+        num_heads: ``H``.
+        mode: ``"P"`` (full line graph, per-node normalised gates) or ``"D"`` (multitree schedule).
+        reverse: run on the reversed DAG (used when ``schedule`` is a PyG batch; an explicit
+            :class:`DAGSchedule` is used as given).
+        edge_dim: width of ``edge_attr`` (``None``: the layer takes no edge features).
+        head_dim: ``K = V`` per head (default ``dim // num_heads``).
+        backend: ``plstm_dag`` backend (``"levels"``, ``"parallel"``, ``"reference"``, ``"triton"``, ``"auto"``).
+        normalize: P-mode normalisation (default ``True``; ``False`` only to demonstrate instability).
+        source_bias, mark_bias, direct_bias, transition_bias, transition_scale: gate initialisation;
+            defaults follow the paper (PAPERS.md section 1.8): sources and marks start small
+            (``sigmoid(-4) = 0.018``), the direct term smaller (``sigmoid(-6)``), transitions at
+            ``tanh(5 * 1) = 0.9999`` (critical: long paths are open from the start, while the small
+            source and mark keep each path's contribution small until training opens them).
+        gate_init_std: std of the normal init of the gate weight matrices (small: gates start nearly
+            input-independent, at their biases).
+        recompute: ``levels`` / ``triton`` backends store no edge states for backward (saves memory).
+
+    Shapes:
+        x: ``[N, dim]``; edge_attr: ``[E, edge_dim]`` aligned with the schedule's ``edge_index`` columns
+        (rows of the user's input ``edge_index`` if the schedule was oriented by ``compile_dag``, see
+        ``input_edge_ids``); returns ``[N, dim]``.
+
+    Example:
+        >>> import torch, plstm_graph
+        >>> from plstm_graph.nn import PLSTMGraphLayer
+        >>> s = plstm_graph.compile_dag(torch.tensor([[0, 0, 1, 2], [1, 2, 3, 3]]), num_nodes=4, mode="P")
+        >>> layer = PLSTMGraphLayer(dim=16, num_heads=2, mode="P", edge_dim=3)
+        >>> layer(torch.randn(4, 16), s, edge_attr=torch.randn(4, 3)).shape
+        torch.Size([4, 16])
+    """
+
+    # per-node gate pre-activation slots (one linear map of x each, gathered along edges / line edges)
+    _NODE_SLOTS = ("src_tail", "src_head", "mark_head", "mark_tail", "tr_in", "tr_mid", "tr_out", "direct")
+    _EDGE_SLOTS = ("src", "mark", "tr_in", "tr_out")
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mode: str = "P",
+        reverse: bool = False,
+        edge_dim: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        *,
+        backend: str = "levels",
+        normalize: bool = True,
+        source_bias: float = -4.0,
+        mark_bias: float = -4.0,
+        direct_bias: float = -6.0,
+        transition_bias: float = 1.0,
+        transition_scale: float = 5.0,
+        gate_init_std: float = 0.02,
+        recompute: bool = False,
+    ):
+        super().__init__()
+        if mode not in ("P", "D"):
+            raise ValueError(f"mode must be 'P' or 'D', got {mode!r}")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass head_dim")
+            head_dim = dim // num_heads
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.mode, self.reverse, self.edge_dim = mode, reverse, edge_dim
+        self.backend, self.normalize, self.recompute = backend, normalize, recompute
+        self.init = dict(
+            source=source_bias, mark=mark_bias, direct=direct_bias, transition=transition_bias,
+            std=gate_init_std,
+        )
+        self.transition_scale = transition_scale
+        hk = num_heads * head_dim
+        self.q_proj = nn.Linear(dim, hk, bias=False)
+        self.k_proj = nn.Linear(dim, hk, bias=False)
+        self.v_proj = nn.Linear(dim, hk, bias=False)
+        self.gate_node = nn.Linear(dim, num_heads * len(self._NODE_SLOTS), bias=False)
+        self.gate_edge = (
+            nn.Linear(edge_dim, num_heads * len(self._EDGE_SLOTS), bias=False) if edge_dim else None
+        )
+        self.source_bias = nn.Parameter(torch.empty(num_heads))
+        self.transition_bias = nn.Parameter(torch.empty(num_heads))
+        self.mark_bias = nn.Parameter(torch.empty(num_heads))
+        self.direct_bias = nn.Parameter(torch.empty(num_heads))
+        self.norm = MultiHeadRMSNorm(num_heads, head_dim)
+        self.out_proj = nn.Linear(hk, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(lin.weight)
+        nn.init.normal_(self.gate_node.weight, std=self.init["std"])
+        if self.gate_edge is not None:
+            nn.init.normal_(self.gate_edge.weight, std=self.init["std"])
+        nn.init.constant_(self.source_bias, self.init["source"])
+        nn.init.constant_(self.transition_bias, self.init["transition"])
+        nn.init.constant_(self.mark_bias, self.init["mark"])
+        nn.init.constant_(self.direct_bias, self.init["direct"])
+        self.norm.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}, "
+            f"reverse={self.reverse}, edge_dim={self.edge_dim}, backend={self.backend!r}, "
+            f"normalize={self.normalize}"
+        )
+
+    # ------------------------------------------------------------------ gates
+    def _edge_features(self, edge_attr: Optional[torch.Tensor], schedule: DAGSchedule):
+        if self.gate_edge is None:
+            if edge_attr is not None:
+                raise ValueError("edge_attr given but the layer was built with edge_dim=None")
+            return None
+        if edge_attr is None:
+            raise ValueError(f"the layer was built with edge_dim={self.edge_dim}; pass edge_attr [E, {self.edge_dim}]")
+        if edge_attr.dim() == 1:
+            edge_attr = edge_attr[:, None]
+        if schedule.input_edge_ids is not None:  # schedule oriented from the user's edge_index
+            edge_attr = edge_attr[schedule.input_edge_ids]
+        if edge_attr.shape != (schedule.num_edges, self.edge_dim):
+            raise ValueError(
+                f"edge_attr has shape {list(edge_attr.shape)}, expected [{schedule.num_edges}, {self.edge_dim}]"
+            )
+        return _at_least_fp32(self.gate_edge(edge_attr)).view(schedule.num_edges, self.num_heads, len(self._EDGE_SLOTS))
+
+    def gates(
+        self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None
+    ) -> GraphGates:
+        """The (normalised) gates this layer feeds to the operator, in float32.
+
+        Shapes: x ``[N, dim]``; returns :class:`GraphGates` with source, mark ``[E, H]``, transition
+        ``[L, H]``, direct ``[N, H]``.
+        """
+        schedule = resolve_schedule(schedule, self.mode, self.reverse)
+        return self._gates(x, schedule, edge_attr)
+
+    def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr) -> GraphGates:
+        n, h = x.size(0), self.num_heads
+        if n != schedule.num_nodes:
+            raise ValueError(f"x has {n} rows but the schedule has {schedule.num_nodes} nodes")
+        g = _at_least_fp32(self.gate_node(x)).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
+        e = self._edge_features(edge_attr, schedule)  # [E, H, 4] or None
+        tail, head = schedule.edge_index  # [E]
+        line_a, line_b = schedule.line_index  # [L]
+        shared = tail[line_b]  # node u of line edge (a: x -> u, b: u -> w)
+        s = g[tail, :, 0] + g[head, :, 1] + self.source_bias  # [E, H]
+        m = g[head, :, 2] + g[tail, :, 3] + self.mark_bias  # [E, H]
+        t = g[tail[line_a], :, 4] + g[shared, :, 5] + g[head[line_b], :, 6] + self.transition_bias  # [L, H]
+        d = g[:, :, 7] + self.direct_bias  # [N, H]
+        if e is not None:
+            s = s + e[:, :, 0]
+            m = m + e[:, :, 1]
+            t = t + e[line_a, :, 2] + e[line_b, :, 3]
+        source = torch.sigmoid(s)
+        transition = torch.tanh(self.transition_scale * t)
+        mark = torch.sigmoid(m)
+        direct = torch.sigmoid(d)
+        if self.mode == "P" and self.normalize:
+            source = p_normalize(source, tail, n)
+            transition = p_normalize(transition, line_a, schedule.num_edges)
+        return GraphGates(source, transition, mark, direct)
+
+    # ------------------------------------------------------------------ forward
+    def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The operator output per head, before the per-head norm: ``[N, dim] -> [N, H, V]``."""
+        schedule = resolve_schedule(schedule, self.mode, self.reverse)
+        n, h, hd = x.size(0), self.num_heads, self.head_dim
+        gates = self._gates(x, schedule, edge_attr)
+        q = self.q_proj(x).view(n, h, hd) * (hd ** -0.5)
+        k = self.k_proj(x).view(n, h, hd)
+        v = self.v_proj(x).view(n, h, hd)
+        # gates stay fp32 (a bf16 rounding could lift a normalised sum above 1); the operator accumulates
+        # in fp32 and returns v's dtype (bf16 under autocast)
+        return _plstm_dag_eager(
+            q, k, v, gates.source, gates.transition, gates.mark, gates.direct, schedule,
+            backend=self.backend, recompute=self.recompute,
+        )
+
+    def forward(
+        self, x: torch.Tensor, schedule: Union[DAGSchedule, "torch_geometric.data.Data"],
+        edge_attr: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        y = self.heads(x, schedule, edge_attr)  # [N, H, V]
+        y = self.norm(y)
+        return self.out_proj(y.reshape(x.size(0), self.num_heads * self.head_dim))
