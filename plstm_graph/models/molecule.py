@@ -20,10 +20,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..nn import MeanReadout, PLSTMGraphStack, SumReadout, make_readout
+
 __all__ = ["MODELS", "FeatureEmbedding", "MoleculeModel"]
 
 MODELS = ("plstm", "gin", "gcn", "gat", "attentivefp")
-READOUTS = ("mean", "sum", "max", "mean+sum")
+READOUTS = ("mean", "sum", "attention", "mean+sum")
 
 
 class FeatureEmbedding(nn.Module):
@@ -72,14 +74,6 @@ def _gine_class():
     return GINE
 
 
-def _plstm_stack_class():
-    try:
-        from plstm_graph.nn import PLSTMGraphStack
-    except ImportError:  # TEMPORARY until the layers branch is merged
-        from plstm_graph.models._standin_stack import PLSTMGraphStack
-    return PLSTMGraphStack
-
-
 class MoleculeModel(nn.Module):
     """Graph-level property predictor.
 
@@ -90,7 +84,8 @@ class MoleculeModel(nn.Module):
         num_layers: backbone depth.
         num_heads: pLSTM / GAT heads.
         dropout: dropout in the backbone (baselines) and the head.
-        readout: node pooling, one of :data:`READOUTS` (AttentiveFP uses its own).
+        readout: node pooling, one of :data:`READOUTS` (``plstm_graph.nn.readout``; ``"mean+sum"``
+            concatenates both). AttentiveFP uses its own attentive readout.
         atom_dims, bond_dims: vocabulary sizes (OGB's by default).
 
     Shapes:
@@ -119,7 +114,8 @@ class MoleculeModel(nn.Module):
         from torch_geometric.nn import models as pygm
 
         if model == "plstm":
-            self.backbone = _plstm_stack_class()(hidden, num_heads, num_layers=num_layers, edge_dim=hidden)
+            self.backbone = PLSTMGraphStack(hidden, num_heads, num_layers=num_layers, edge_dim=hidden,
+                                            dropout=dropout)
         elif model == "gin":
             self.backbone = _gine_class()(hidden, hidden, num_layers, dropout=dropout, edge_dim=hidden)
         elif model == "gcn":
@@ -132,6 +128,8 @@ class MoleculeModel(nn.Module):
                                              num_timesteps=2, dropout=dropout)
         width = 2 * hidden if readout == "mean+sum" else hidden
         if model != "attentivefp":
+            self.pool = (nn.ModuleList([MeanReadout(), SumReadout()]) if readout == "mean+sum"
+                         else nn.ModuleList([make_readout(readout, hidden, num_heads)]))
             self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout),
                                       nn.Linear(hidden, num_tasks))
 
@@ -148,23 +146,14 @@ class MoleculeModel(nn.Module):
         return self.backbone(x, ei, edge_attr=e2)
 
     def forward(self, batch) -> torch.Tensor:
-        from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
-
         index = batch.batch if getattr(batch, "batch", None) is not None else torch.zeros(
             batch.num_nodes, dtype=torch.long, device=batch.x.device)
-        size = int(batch.num_graphs) if hasattr(batch, "num_graphs") else 1
+        size = int(getattr(batch, "num_graphs", 1))
         if self.model_name == "attentivefp":
             x = self.atom_encoder(batch.x)
             e = self.bond_encoder(batch.edge_attr)
             ei = torch.cat([batch.edge_index, batch.edge_index.flip(0)], dim=1)
             return self.backbone(x, ei, torch.cat([e, e], dim=0), index)
         h = self.node_embeddings(batch)
-        if self.readout == "mean":
-            g = global_mean_pool(h, index, size)
-        elif self.readout == "sum":
-            g = global_add_pool(h, index, size)
-        elif self.readout == "max":
-            g = global_max_pool(h, index, size)
-        else:
-            g = torch.cat([global_mean_pool(h, index, size), global_add_pool(h, index, size)], dim=-1)
+        g = torch.cat([pool(h, index, size) for pool in self.pool], dim=-1)  # [B, width]
         return self.head(g)
