@@ -124,11 +124,22 @@ def _scaler(task: str, y: np.ndarray) -> Tuple[List[float], List[float]]:
     return mean.tolist(), std.tolist()
 
 
+def _quiet_lightning() -> None:
+    """Lightning's info lines (hardware, tips) and a dependency deprecation would bury our summary."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
 def _trainer(cfg: TrainConfig, out: Path, monitor: str, mode: str):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
+    _quiet_lightning()
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision or ("bf16-mixed" if cuda else "32-true")
     callbacks = [
