@@ -131,8 +131,11 @@ class MoleculeDataModule(pl.LightningDataModule):
 
     def _loader(self, data, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # a trailing training batch of one molecule (possibly one atom) breaks BatchNorm in the baselines;
+        # drop it (the order is reshuffled every epoch, so no molecule is left out for good)
+        drop_last = shuffle and len(data) % self.batch_size == 1 and len(data) > self.batch_size
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=gen, persistent_workers=self.num_workers > 0)
+                          generator=gen, persistent_workers=self.num_workers > 0, drop_last=drop_last)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True)

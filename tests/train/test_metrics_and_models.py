@@ -80,3 +80,15 @@ def test_every_model_trains_and_is_per_molecule(name):
 def test_unknown_model_is_an_error():
     with pytest.raises(ValueError, match="unknown model"):
         MoleculeModel("transformer")
+
+
+def test_train_loader_drops_a_lone_last_molecule():
+    from plstm_graph.train.lightning import MoleculeDataModule
+
+    graphs = [smiles_to_dag("C", y=[0.0]) for _ in range(9)]  # 9 = 2 * 4 + 1: a lone single-atom batch
+    dm = MoleculeDataModule(graphs, graphs, graphs, batch_size=4)
+    assert [b.num_graphs for b in dm.train_dataloader()] == [4, 4]
+    assert [b.num_graphs for b in dm.val_dataloader()] == [4, 4, 1]  # evaluation keeps every molecule
+    model = MoleculeModel("gin", hidden=8, num_layers=2)
+    for b in dm.train_dataloader():
+        model(b)  # BatchNorm would fail on a one-node batch
