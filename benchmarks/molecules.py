@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     a.add_argument("--seeds", type=int, default=5)
     a.add_argument("--epochs", type=int, default=60)
     a.add_argument("--patience", type=int, default=15)
-    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--lr", type=float, default=3e-3)
     a.add_argument("--out", default="runs/bench-molecules")
     t = sub.choices["throughput"]
     t.add_argument("--repeats", type=int, default=3)

@@ -99,7 +99,7 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=epochs_default, help=f"default {epochs_default}")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
-    g.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    g.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     g.add_argument("--hidden", type=_positive_int, default=64, help="width (default 64)")
     g.add_argument("--layers", type=_positive_int, default=4, help="backbone layers (default 4)")

@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 40
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     hidden: int = 64
     num_layers: int = 4
