@@ -42,7 +42,17 @@ __all__ = ["PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "p_normalize", "
 # torch.compile: the operator runs eagerly (a graph break). Its level loop is data-dependent, and the levels
 # backend caches index plans on the schedule inside its autograd.Function, which dynamo cannot trace
 # (InternalTorchDynamoError on torch 2.13). Projections, gates and norms around it are still compiled.
-_plstm_dag_eager = torch.compiler.disable(plstm_dag)
+# The wrapper is built on first use: torch.compiler.disable imports torch._dynamo (seconds), which a
+# plain eager user should not pay at import time.
+_EAGER_OPERATOR = []
+
+
+def _operator():
+    if torch.compiler.is_compiling() or _EAGER_OPERATOR:
+        if not _EAGER_OPERATOR:
+            _EAGER_OPERATOR.append(torch.compiler.disable(plstm_dag))
+        return _EAGER_OPERATOR[0]
+    return plstm_dag
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -299,7 +309,7 @@ class PLSTMGraphLayer(nn.Module):
         v = self.v_proj(x).view(n, h, hd)
         # gates stay fp32 (a bf16 rounding could lift a normalised sum above 1); the operator accumulates
         # in fp32 and returns v's dtype (bf16 under autocast)
-        return _plstm_dag_eager(
+        return _operator()(
             q, k, v, gates.source, gates.transition, gates.mark, gates.direct, schedule,
             backend=self.backend, recompute=self.recompute,
         )
