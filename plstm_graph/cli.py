@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, available backends, device")
     p_info.set_defaults(func=_cmd_info)
     _add_bench(sub)
+    from plstm_graph.train import cli as train_cli  # train / predict / compare (molecules)
+
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""Molecule benchmarks: accuracy of pLSTM vs PyG baselines, and training throughput vs GIN.
+
+    # accuracy (the README table): FreeSolv scaffold 5 seeds, B3DB classification scaffold 3 seeds
+    python benchmarks/molecules.py accuracy --dataset freesolv --seeds 5 --epochs 60 --out runs/bench-freesolv
+    python benchmarks/molecules.py accuracy --dataset b3db --seeds 3 --epochs 30 --out runs/bench-b3db
+
+    # throughput: seconds per training epoch on the same molecules, models interleaved (fair under load)
+    python benchmarks/molecules.py throughput --dataset freesolv --device cpu
+    python benchmarks/molecules.py throughput --dataset b3db --device cuda --batch-size 128
+
+``accuracy`` is ``plstm-graph compare`` with the given budget; it prints the markdown table and writes
+``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OUTDATED_IGNORE", "1")
+
+
+def accuracy(args) -> None:
+    from plstm_graph.train.compare import compare_models, format_table
+    from plstm_graph.train.run import TrainConfig
+
+    base = TrainConfig(dataset=args.dataset, split=args.split, epochs=args.epochs, batch_size=args.batch_size,
+                       hidden=args.hidden, num_layers=args.layers, num_heads=args.heads, lr=args.lr,
+                       patience=args.patience, max_molecules=args.max_molecules, progress=False,
+                       accelerator="cpu" if args.device == "cpu" else "auto", out=args.out)
+    t0 = time.time()
+    res = compare_models(base, args.models, list(range(args.seeds)), args.out)
+    print(format_table(res["summary"]))
+    print(f"\n{args.dataset}, {args.split} split, seeds 0..{args.seeds - 1}, {args.epochs} epochs max, "
+          f"hidden {args.hidden}, {args.layers} layers; {time.time() - t0:.0f} s total; written to {args.out}")
+
+
+def throughput(args) -> None:
+    import torch
+    from torch_geometric.loader import DataLoader
+
+    from plstm_graph.datasets.molecules import build_graphs, load_dataset
+    from plstm_graph.models.molecule import MoleculeModel
+
+    device = torch.device(args.device)
+    graphs = build_graphs(load_dataset(args.dataset), progress=False, warn=False).graphs
+    if args.max_molecules:
+        graphs = graphs[: args.max_molecules]
+    models = {name: MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads).to(device)
+              for name in args.models}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
+    amp = device.type == "cuda"
+    times = {n: [] for n in models}
+    for rep in range(args.repeats + 1):  # the first round warms up (allocator, lazy init) and is dropped
+        for name, model in models.items():
+            loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for b in loader:
+                b = b.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(b)
+                y = b.y.to(out.dtype)
+                loss = torch.nn.functional.mse_loss(out.float()[~torch.isnan(y)], y.float()[~torch.isnan(y)])
+                opts[name].zero_grad()
+                loss.backward()
+                opts[name].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    gin = statistics.median(times["gin"]) if "gin" in times else None
+    print(f"{args.dataset}: {len(graphs)} molecules/epoch, batch {args.batch_size}, hidden {args.hidden}, "
+          f"{args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, threads {torch.get_num_threads()}")
+    print("| model | params | s/epoch (median) | x GIN |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        params = sum(p.numel() for p in models[name].parameters())
+        print(f"| {name} | {params:,} | {med:.2f} | {med / gin:.2f} |" if gin else f"| {name} | {params:,} | {med:.2f} | - |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    for name in ("accuracy", "throughput"):
+        q = sub.add_parser(name)
+        q.add_argument("--dataset", default="freesolv")
+        q.add_argument("--models", nargs="+",
+                       default=["plstm", "gin", "gcn", "gat", "attentivefp"] if name == "accuracy" else ["plstm", "gin"])
+        q.add_argument("--hidden", type=int, default=64)
+        q.add_argument("--layers", type=int, default=4)
+        q.add_argument("--heads", type=int, default=4)
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--max-molecules", type=int, default=None)
+        q.add_argument("--device", default="cpu")
+    a = sub.choices["accuracy"]
+    a.add_argument("--split", default="scaffold")
+    a.add_argument("--seeds", type=int, default=5)
+    a.add_argument("--epochs", type=int, default=60)
+    a.add_argument("--patience", type=int, default=15)
+    a.add_argument("--lr", type=float, default=3e-3)
+    a.add_argument("--out", default="runs/bench-molecules")
+    t = sub.choices["throughput"]
+    t.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    accuracy(args) if args.what == "accuracy" else throughput(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

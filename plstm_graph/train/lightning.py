@@ -1,0 +1,147 @@
+"""Lightning wrappers: :class:`MoleculeLitModule` (loss, target scaling, metrics) and
+:class:`MoleculeDataModule` (PyG loaders). The only floor besides the CLI that imports Lightning."""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch_geometric.loader import DataLoader
+
+from plstm_graph.models.molecule import MoleculeModel
+
+from .metrics import compute_metrics, primary_metric
+
+__all__ = ["MoleculeLitModule", "MoleculeDataModule", "masked_loss"]
+
+
+def masked_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean loss over labelled entries only (NaN = missing): MSE (regression) or BCE with logits.
+
+    Shapes:
+        pred, target: ``[B, T]`` -> scalar.
+
+    Example:
+        >>> float(masked_loss("regression", torch.tensor([[1.0, 5.0]]), torch.tensor([[3.0, float("nan")]])))
+        4.0
+    """
+    mask = ~torch.isnan(target)
+    if not mask.any():
+        return pred.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
+    p, t = pred[mask].float(), target[mask].float()
+    if task == "regression":
+        return torch.nn.functional.mse_loss(p, t)
+    return torch.nn.functional.binary_cross_entropy_with_logits(p, t)
+
+
+class MoleculeLitModule(pl.LightningModule):
+    """Trains a :class:`~plstm_graph.models.molecule.MoleculeModel`.
+
+    Regression targets are standardised with the training set's per-target mean / std (``target_mean``,
+    ``target_std`` buffers, saved with the model); predictions are returned in original units.
+    Classification outputs are logits; :meth:`predict_batch` returns probabilities.
+    """
+
+    def __init__(self, model_kwargs: Dict, task: str, target_mean: Sequence[float], target_std: Sequence[float],
+                 lr: float = 1e-3, weight_decay: float = 0.0, epochs: int = 50, warmup_epochs: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = task
+        self.model = MoleculeModel(**model_kwargs)
+        self.register_buffer("target_mean", torch.as_tensor(target_mean, dtype=torch.float32).view(1, -1))
+        self.register_buffer("target_std", torch.as_tensor(target_std, dtype=torch.float32).view(1, -1))
+        self._val_out: List = []
+        self.epoch_seconds: List[float] = []
+        self._t0 = None
+
+    # -- model in original units
+    def forward(self, batch) -> torch.Tensor:
+        return self.model(batch)
+
+    def predict_batch(self, batch) -> torch.Tensor:
+        """``[B, T]`` predictions: original units (regression) or probabilities (classification)."""
+        out = self.model(batch).float()
+        if self.task == "regression":
+            return out * self.target_std + self.target_mean
+        return torch.sigmoid(out)
+
+    def _scaled_target(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.target_mean) / self.target_std if self.task == "regression" else y
+
+    # -- steps
+    def training_step(self, batch, batch_idx):
+        loss = masked_loss(self.task, self.model(batch), self._scaled_target(batch.y))
+        self.log("train_loss", loss, batch_size=int(batch.num_graphs), prog_bar=True, on_step=False, on_epoch=True,
+                 sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self.model(batch)
+        loss = masked_loss(self.task, out, self._scaled_target(batch.y))
+        self.log("val_loss", loss, batch_size=int(batch.num_graphs), on_step=False, on_epoch=True, sync_dist=True)
+        self._val_out.append((self.predict_batch(batch).detach(), batch.y.detach()))
+
+    def on_validation_epoch_end(self):
+        if not self._val_out:
+            return
+        pred = torch.cat([p for p, _ in self._val_out])
+        true = torch.cat([t for _, t in self._val_out])
+        self._val_out.clear()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            pred = self.all_gather(pred).reshape(-1, pred.size(-1))
+            true = self.all_gather(true).reshape(-1, true.size(-1))
+        metrics = compute_metrics(self.task, true.float().cpu().numpy(), pred.float().cpu().numpy())
+        name, mode = primary_metric(self.task)
+        for k, v in metrics.items():
+            if np.isnan(v):  # e.g. one-class validation set: keep the monitor finite and "bad"
+                v = float("inf") if (k == name and mode == "min") else (0.0 if k == name else v)
+            self.log(f"val_{k}", float(v), prog_bar=(k == name), sync_dist=False, rank_zero_only=False)
+
+    def on_train_epoch_start(self):
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self):
+        if self._t0 is not None:
+            self.epoch_seconds.append(time.perf_counter() - self._t0)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        epochs, warm = max(int(self.hparams.epochs), 1), int(self.hparams.warmup_epochs)
+
+        def factor(epoch: int) -> float:  # linear warm-up, then cosine decay to 5% of lr
+            if epoch < warm:
+                return (epoch + 1) / (warm + 1)
+            progress = (epoch - warm) / max(epochs - warm, 1)
+            return 0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class MoleculeDataModule(pl.LightningDataModule):
+    """Train / val / test lists of :class:`~plstm_graph.graph.DAGData` as PyG loaders (Lightning adds the
+    distributed sampler under DDP)."""
+
+    def __init__(self, train: list, val: list, test: list, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.train_set, self.val_set, self.test_set = train, val, test
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def _loader(self, data, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # a trailing training batch of one molecule (possibly one atom) breaks BatchNorm in the baselines;
+        # drop it (the order is reshuffled every epoch, so no molecule is left out for good)
+        drop_last = shuffle and len(data) % self.batch_size == 1 and len(data) > self.batch_size
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=gen, persistent_workers=self.num_workers > 0, drop_last=drop_last)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
