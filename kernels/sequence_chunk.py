@@ -62,7 +62,11 @@ def _jit(fn):
     key = (fn.__name__, mode)
     kern = _JITTED.get(key)
     if kern is None:
-        kern = _JITTED[key] = jit(do_not_specialize=["T", "NT"])(fn)
+        kern = jit(do_not_specialize=["T", "NT"])(fn)
+        if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
+            cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+            kern = triton.autotune(configs=cfgs, key=["K", "V", "BT", "BK", "BV"])(kern)
+        _JITTED[key] = kern
     return kern
 
 
@@ -169,7 +173,7 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
     out = _dot(sc.to(vv.dtype), vv, PREC, UPCAST)
     out += a[:, None] * _dot(qq, c.to(qq.dtype), PREC, UPCAST)
     py = tl.make_block_ptr(y + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-    tl.store(py, out.to(py.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
 
 
 def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
@@ -235,7 +239,7 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
         gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
         gv += w[:, None] * _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
         pdv = tl.make_block_ptr(dv + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        tl.store(pdv, gv.to(pdv.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(pdv, gv.to(dv.dtype.element_ty), boundary_check=(0, 1))
         ds = _dot(dd, tl.trans(vv), PREC, UPCAST) * mm
         gq += _dot(ds.to(qq.dtype), kk, PREC, UPCAST)
         gq += a[:, None] * _dot(dd, ct.to(dd.dtype), PREC, UPCAST)
@@ -243,8 +247,8 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
         gk += w[:, None] * _dot(vv, tl.trans(gg).to(vv.dtype), PREC, UPCAST)
     pdq = tl.make_block_ptr(dq + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     pdk = tl.make_block_ptr(dk + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    tl.store(pdq, gq.to(pdq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(pdk, gk.to(pdk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(pdq, gq.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(pdk, gk.to(dk.dtype.element_ty), boundary_check=(0, 1))
 
 
 def chunk_size_for(chunk_size: int, K: int) -> int:
@@ -281,11 +285,10 @@ class _SeqChunk(torch.autograd.Function):
         hT = torch.empty(B, H, K, V, **f32)
         y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
         h0 = initial_state.contiguous() if initial_state is not None else hT
-        warps = 8 if bk * bv >= 128 * 64 else 4
         _jit(_fwd_h)[(nvb, B * H)](k, v, src, lg, h0, hs, hT, T, H, nt, K=K, V=V, BT=bt, BK=bk, BV=bv,
-                                   HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting(), num_warps=warps)
+                                   HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
         _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, y, T, H, nt, K=K, V=V, BT=bt, BK=bk,
-                                       BV=bv, PREC=prec, UPCAST=_interpreting(), num_warps=4)
+                                       BV=bv, PREC=prec, UPCAST=_interpreting())
         ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs)
         ctx.meta = (bt, initial_state is not None, None if initial_state is None else initial_state.dtype)
         return y, hT
@@ -305,12 +308,11 @@ class _SeqChunk(torch.autograd.Function):
         dhs = torch.empty(B, nt, H, K, V, **f32)
         dh0 = torch.empty(B, H, K, V, **f32)
         dhT_ = dhT.float().contiguous() if dhT is not None else dh0
-        warps = 8 if bk * bv >= 128 * 64 else 4
         _jit(_bwd_dh)[(nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bk, BV=bv,
-                                    HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting(), num_warps=warps)
+                                    HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, nt, K=K, V=V,
-                                     BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting(), num_warps=8 if bk >= 128 else 4)
+                                     BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting())
         return dq, dk, dv, None, None, None, None, (dh0.to(h0_dtype) if has_h0 else None), None
 
 
