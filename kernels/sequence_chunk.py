@@ -100,7 +100,8 @@ def _gate_chunk_py(ptr, row0, t0, T, H, BT: tl.constexpr, other):
 def _fwd_h(k, v, src, lg, h0, hs, hT, T, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HAS_H0: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    vb = tl.program_id(0)
+    kb = tl.program_id(0) // tl.cdiv(V, BV)
+    vb = tl.program_id(0) % tl.cdiv(V, BV)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -108,27 +109,27 @@ def _fwd_h(k, v, src, lg, h0, hs, hT, T, H, NT,
     kbase = k + row0 * K
     vbase = v + row0 * V
     if HAS_H0:
-        p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+        p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         c = tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     else:
         c = tl.zeros([BK, BV], dtype=tl.float32)
     ci = 0
     while ci < NT:
         t0 = ci * BT
-        ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+        ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, c, boundary_check=(0, 1))
         g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
         s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         blast = tl.sum(g, axis=0)
         w = s * tl.exp(blast - bc)
-        pk = tl.make_block_ptr(kbase, (K, T), (1, H * K), (0, t0), (BK, BT), (0, 1))
+        pk = tl.make_block_ptr(kbase, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
         pv = tl.make_block_ptr(vbase, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
         kt = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
         vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
         c = c * tl.exp(blast) + _dot((kt * w[None, :]).to(vv.dtype), vv, PREC, UPCAST)
         ci += 1
-    pT = tl.make_block_ptr(hT + bh * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+    pT = tl.make_block_ptr(hT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(pT, c, boundary_check=(0, 1))
 
 
@@ -179,33 +180,34 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
 def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             HAS_DHT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    vb = tl.program_id(0)
+    kb = tl.program_id(0) // tl.cdiv(V, BV)
+    vb = tl.program_id(0) % tl.cdiv(V, BV)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     row0 = b * T * H + h
     if HAS_DHT:
-        pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+        pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         gs = tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     else:
         gs = tl.zeros([BK, BV], dtype=tl.float32)
     ci = NT - 1
     while ci >= 0:
         t0 = ci * BT
-        ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+        ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, gs, boundary_check=(0, 1))
         g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
         m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         a = m * tl.exp(bc - g)
         blast = tl.sum(g, axis=0)
-        pq = tl.make_block_ptr(q + row0 * K, (K, T), (1, H * K), (0, t0), (BK, BT), (0, 1))
+        pq = tl.make_block_ptr(q + row0 * K, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
         pd = tl.make_block_ptr(dy + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
         qt = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
         dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
         gs = gs * tl.exp(blast) + _dot((qt * a[None, :]).to(dd.dtype), dd, PREC, UPCAST)
         ci -= 1
-    p0 = tl.make_block_ptr(dh0 + bh * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+    p0 = tl.make_block_ptr(dh0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(p0, gs, boundary_check=(0, 1))
 
 
@@ -285,7 +287,8 @@ class _SeqChunk(torch.autograd.Function):
         hT = torch.empty(B, H, K, V, **f32)
         y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
         h0 = initial_state.contiguous() if initial_state is not None else hT
-        _jit(_fwd_h)[(nvb, B * H)](k, v, src, lg, h0, hs, hT, T, H, nt, K=K, V=V, BT=bt, BK=bk, BV=bv,
+        bks = min(bk, 64)  # the state passes split K too: twice the programs on long, narrow batches
+        _jit(_fwd_h)[(-(-K // bks) * nvb, B * H)](k, v, src, lg, h0, hs, hT, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
                                    HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
         _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, y, T, H, nt, K=K, V=V, BT=bt, BK=bk,
                                        BV=bv, PREC=prec, UPCAST=_interpreting())
@@ -308,7 +311,8 @@ class _SeqChunk(torch.autograd.Function):
         dhs = torch.empty(B, nt, H, K, V, **f32)
         dh0 = torch.empty(B, H, K, V, **f32)
         dhT_ = dhT.float().contiguous() if dhT is not None else dh0
-        _jit(_bwd_dh)[(nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bk, BV=bv,
+        bks = min(bk, 64)
+        _jit(_bwd_dh)[(-(-K // bks) * nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
                                     HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, nt, K=K, V=V,

@@ -73,6 +73,11 @@ def test_head_dims_not_powers_of_two_and_several_v_blocks():
     _check(B=1, T=37, H=1, K=20, V=80, chunk=16, seed=3)
 
 
+def test_state_passes_split_k():
+    # K = 80: the state passes run two 64-row K-blocks (the second masked), the output kernels one 128 tile
+    _check(B=1, T=20, H=1, K=80, V=16, chunk=16, seed=9)
+
+
 def test_no_initial_state_and_chunk_32():
     _check(B=1, T=40, H=2, K=32, V=16, chunk=32, with_h0=False, seed=4)
 
