@@ -211,9 +211,9 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
     tl.store(p0, gs, boundary_check=(0, 1))
 
 
-def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
+def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, dsrc, dlg, dmrk, ddir, T, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, GATE_GRAD: tl.constexpr):
     ci = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -225,9 +225,15 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
     pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
     kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
-    st = tl.trans(_dot(qq, tl.trans(kk), PREC, UPCAST) * mm).to(qq.dtype)  # S^T
+    qk = _dot(qq, tl.trans(kk), PREC, UPCAST)
+    st = tl.trans(qk * mm).to(qq.dtype)  # S^T
     gq = tl.zeros([BT, BK], dtype=tl.float32)
     gk = tl.zeros([BT, BK], dtype=tl.float32)
+    # gate gradients: dY V^T summed over V-blocks, q_t^T C^- dy_t, k_j^T G v_j and <C^-, G>
+    dyv = tl.zeros([BT, BT], dtype=tl.float32)
+    qc = tl.zeros([BT], dtype=tl.float32)
+    kg = tl.zeros([BT], dtype=tl.float32)
+    cg = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     hoff = ((b * NT + ci) * H + h) * K * V
     for vb in range(0, tl.cdiv(V, BV)):
         pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
@@ -239,10 +245,18 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
         ct = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
         gg = tl.load(pg, boundary_check=(0, 1), padding_option="zero")
         gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
-        gv += w[:, None] * _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
+        kgv = _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
+        gv += w[:, None] * kgv
         pdv = tl.make_block_ptr(dv + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
         tl.store(pdv, gv.to(dv.dtype.element_ty), boundary_check=(0, 1))
-        ds = _dot(dd, tl.trans(vv), PREC, UPCAST) * mm
+        dvt = _dot(dd, tl.trans(vv), PREC, UPCAST)
+        ds = dvt * mm
+        if GATE_GRAD:
+            dyv += dvt
+            qcv = _dot(qq, tl.trans(ct).to(qq.dtype), PREC, UPCAST)
+            qc += tl.sum(qcv * dd.to(tl.float32), axis=1)
+            kg += tl.sum(kgv * vv.to(tl.float32), axis=1)
+            cg += tl.sum(tl.sum(tl.trans(ct) * gg, axis=1), axis=0)
         gq += _dot(ds.to(qq.dtype), kk, PREC, UPCAST)
         gq += a[:, None] * _dot(dd, ct.to(dd.dtype), PREC, UPCAST)
         gk += _dot(tl.trans(ds).to(qq.dtype), qq, PREC, UPCAST)
@@ -251,6 +265,34 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, NT,
     pdk = tl.make_block_ptr(dk + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     tl.store(pdq, gq.to(dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(pdk, gk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    if GATE_GRAD:
+        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
+        sg = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
+        mg = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+        bc = tl.cumsum(g, axis=0)
+        bp = bc - g
+        blast = tl.sum(g, axis=0)
+        i = tl.arange(0, BT)
+        lower = i[:, None] > i[None, :]
+        e = tl.where(lower, tl.exp(tl.where(lower, bp[:, None] - bc[None, :], 0.0)), 0.0)
+        pp = dyv * qk  # dL/dM (every entry)
+        r = pp * e * (mg[:, None] * sg[None, :])  # dL/d(exponent) of the strict lower part
+        ebp = tl.exp(bp)
+        ew = tl.exp(blast - bc)
+        g_d = tl.sum(tl.where(i[:, None] == i[None, :], pp, 0.0), axis=1)
+        g_m = tl.sum(pp * e * sg[None, :], axis=1) + ebp * qc
+        g_s = tl.sum(pp * e * mg[:, None], axis=0) + ew * kg
+        d_bp = tl.sum(r, axis=1) + mg * ebp * qc
+        d_bc = d_bp - tl.sum(r, axis=0) - sg * ew * kg
+        d_blast = tl.sum(sg * ew * kg, axis=0) + tl.exp(blast) * cg
+        g_g = tl.cumsum(d_bc, axis=0, reverse=True) - d_bp + d_blast
+        offt = t0 + i
+        msk = offt < T
+        goff = row0 + offt.to(tl.int64) * H
+        tl.store(ddir + goff, g_d, mask=msk)
+        tl.store(dmrk + goff, g_m, mask=msk)
+        tl.store(dsrc + goff, g_s, mask=msk)
+        tl.store(dlg + goff, g_g, mask=msk)
 
 
 def chunk_size_for(chunk_size: int, K: int) -> int:
@@ -293,6 +335,7 @@ class _SeqChunk(torch.autograd.Function):
         _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, y, T, H, nt, K=K, V=V, BT=bt, BK=bk,
                                        BV=bv, PREC=prec, UPCAST=_interpreting())
         ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs)
+        ctx.gate_dtypes = [g.dtype for g in (source, transition, mark, direct)]
         ctx.meta = (bt, initial_state is not None, None if initial_state is None else initial_state.dtype)
         return y, hT
 
@@ -315,22 +358,28 @@ class _SeqChunk(torch.autograd.Function):
         _jit(_bwd_dh)[(-(-K // bks) * nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
                                     HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, T, H, nt, K=K, V=V,
-                                     BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting())
-        return dq, dk, dv, None, None, None, None, (dh0.to(h0_dtype) if has_h0 else None), None
+        gate_grad = any(ctx.needs_input_grad[3:7])
+        gbuf = [torch.empty(B, T, H, **f32) for _ in range(4)] if gate_grad else [dq] * 4
+        _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, *gbuf, T, H, nt, K=K,
+                                     V=V, BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting(),
+                                     GATE_GRAD=gate_grad)
+        gates = [None] * 4
+        if gate_grad:
+            d_src, d_lg, d_mrk, d_dir = gbuf
+            gates = [d_src, d_lg / torch.exp(lg), d_mrk, d_dir]  # d tau = d log(tau) / tau
+            gates = [gr.to(dt) if need else None
+                     for gr, dt, need in zip(gates, ctx.gate_dtypes, ctx.needs_input_grad[3:7])]
+        return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None
 
 
 def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens) -> bool:
-    """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256, no gate
-    that needs a gradient and every transition > 0 (a device sync on the transition tensor)."""
+    """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256 and
+    every transition > 0 (a device sync on the transition tensor)."""
     if cu_seqlens is not None or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or q.shape[1] == 0 or q.shape[0] == 0:
-        return False
-    gates = (source, transition, mark, direct)
-    if torch.is_grad_enabled() and any(g.requires_grad for g in gates):
         return False
     return bool((transition > 0).all())
 

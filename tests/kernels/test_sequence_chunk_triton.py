@@ -40,27 +40,32 @@ def _compare(outs, refs, tol, names):
         assert err <= tol * scale, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, seed=0):
+def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, seed=0, gate_grad=True):
     (q, k, v), gates, h0 = _inputs(B, T, H, K, V, seed)
+    gates = [g.to(DEVICE).requires_grad_(gate_grad) for g in gates]
     leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
     init = h0.to(DEVICE).requires_grad_() if with_h0 else None
-    assert kchunk.chunk_supported(*leaves, *(g.to(DEVICE) for g in gates), init, None)
-    y, fin = kchunk.plstm_sequence_chunk_triton(*leaves, *(g.to(DEVICE) for g in gates), initial_state=init,
+    assert kchunk.chunk_supported(*leaves, *gates, init, None)
+    y, fin = kchunk.plstm_sequence_chunk_triton(*leaves, *gates, initial_state=init,
                                                 chunk_size=chunk)
     refs = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
     init_ref = h0.double().requires_grad_() if with_h0 else None
-    y_ref, fin_ref = plstm_sequence(*refs, *(g.double() for g in gates), initial_state=init_ref,
+    gates_ref = [g.detach().cpu().double().requires_grad_() for g in gates]
+    y_ref, fin_ref = plstm_sequence(*refs, *gates_ref, initial_state=init_ref,
                                     output_final_state=True, mode="recurrent")
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
     dfin = torch.randn(fin_ref.shape, generator=gen, dtype=torch.float64)
-    ins = leaves + ([init] if with_h0 else [])
-    ins_ref = refs + ([init_ref] if with_h0 else [])
+    ins = leaves + ([init] if with_h0 else []) + (gates if gate_grad else [])
+    ins_ref = refs + ([init_ref] if with_h0 else []) + (gates_ref if gate_grad else [])
     g = torch.autograd.grad((y * dy.to(DEVICE, y.dtype)).sum() + (fin * dfin.to(DEVICE)).sum(), ins)
     g_ref = torch.autograd.grad((y_ref * dy).sum() + (fin_ref * dfin).sum(), ins_ref)
     assert y.dtype == dtype and fin.dtype == torch.float32 and y.shape == y_ref.shape
     assert all(a.dtype == b.dtype for a, b in zip(g, ins))
-    _compare((y, fin) + g, (y_ref, fin_ref) + g_ref, tol, ["y", "final", "dq", "dk", "dv", "dinitial"])
+    names = ["y", "final", "dq", "dk", "dv"] + (["dinitial"] if with_h0 else [])
+    names += ["dsource", "dtransition", "dmark", "ddirect"] if gate_grad else []
+    assert len(names) == len(g) + 2
+    _compare((y, fin) + g, (y_ref, fin_ref) + g_ref, tol, names)
 
 
 @pytest.mark.parametrize("T", [1, 15, 63, 130])
@@ -80,6 +85,10 @@ def test_state_passes_split_k():
 
 def test_no_initial_state_and_chunk_32():
     _check(B=1, T=40, H=2, K=32, V=16, chunk=32, with_h0=False, seed=4)
+
+
+def test_constant_gates_without_grad():
+    _check(B=1, T=40, H=1, K=16, V=16, chunk=16, seed=10, gate_grad=False)
 
 
 def test_bf16_inputs():
@@ -109,16 +118,19 @@ def test_dispatch_chunk_when_supported_scan_otherwise(monkeypatch):
     g = [x.to(DEVICE) for x in gates]
     kseq.plstm_sequence_triton(*dev, *g)
     assert len(calls) == 1
-    # a zero transition, a gate requiring grad, or packing: the recurrent scan, with correct results
-    g_zero = [g[0], g[1].clone(), g[2], g[3]]
-    g_zero[1][0, 3] = 0.0
     g_grad = [g[0], g[1].clone().requires_grad_(), g[2], g[3]]
-    for gg in (g_zero, g_grad):
-        y, _ = kseq.plstm_sequence_triton(*dev, *gg)
-        y_ref, _ = plstm_sequence(*dev, *gg, mode="recurrent")
+    kseq.plstm_sequence_triton(*dev, *g_grad)
+    assert len(calls) == 2
+    # a zero or negative transition, or packing: the recurrent scan, with correct results
+    for bad in (0.0, -0.5):
+        g_bad = [g[0], g[1].clone(), g[2], g[3]]
+        g_bad[1][0, 3] = bad
+        y, _ = kseq.plstm_sequence_triton(*dev, *g_bad)
+        y_ref, _ = plstm_sequence(*dev, *g_bad, mode="recurrent")
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g_zero = g_bad
     y, _ = kseq.plstm_sequence_triton(*dev, *g, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
-    assert len(calls) == 1
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="transition > 0"):
         kseq.plstm_sequence_triton(*dev, *g_zero, strategy="chunk")
     with pytest.raises(ValueError, match="strategy"):
