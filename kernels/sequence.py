@@ -306,7 +306,7 @@ def plstm_sequence_triton(
     """Triton pLSTM sequence operator (SPEC section 4); differentiable in every input.
 
     ``strategy="auto"`` runs the chunkwise tensor-core kernels (:mod:`.sequence_chunk`) when they apply
-    (every transition > 0, no ``cu_seqlens``, no gate requiring grad; e.g. retention) and otherwise this
+    (every transition > 0, no ``cu_seqlens``, q/k/v of one dtype; e.g. retention) and otherwise this
     module's fused recurrent scan; ``"chunk"`` insists on the former, ``"scan"`` on the latter.
 
     Shapes:
@@ -339,8 +339,8 @@ def plstm_sequence_triton(
                                                    initial_state=initial_state, chunk_size=chunk_size)
         if strategy == "chunk":
             raise ValueError(
-                "strategy='chunk' needs every transition > 0, no cu_seqlens, q/k/v of one dtype and gates that "
-                "do not require grad; use strategy='auto' to fall back to the recurrent scan"
+                "strategy='chunk' needs every transition > 0, no cu_seqlens and q/k/v of one dtype; use "
+                "strategy='auto' to fall back to the recurrent scan"
             )
     return _SeqScan.apply(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, int(chunk_size))
 

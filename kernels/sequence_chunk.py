@@ -16,12 +16,16 @@ Write ``S = (Q K^T) o M`` with ``M_tj = m_t e^{b_{t-1}-b_j} s_j`` (j < t), ``M_t
 3. ``_bwd_dh`` (program per (V-block, b*h)): the adjoint state pass, chunks backwards:
    ``G^- = e^{b_last} G + (Q o a)^T dY`` from ``G = d final_state``; stores each chunk's leaving adjoint and
    ``d initial_state``.
-4. ``_bwd_dqkv`` (program per (chunk, b*h), looping over V-blocks):
+4. ``_bwd_dqkv`` (program per (chunk, b*h), looping over V-blocks; the state passes 1 and 3 also split K):
    ``dV = S^T dY + diag(w) K G``,  ``dS = (dY V^T) o M``,  ``dQ = dS K + diag(a) dY C^-^T``,
    ``dK = dS^T Q + diag(w) V G^T``.
 
-No gate gradients: the dispatcher in ``kernels/sequence.py`` sends inputs whose gates require grad, packed
-``cu_seqlens`` or non-positive transitions to the recurrent scan. ``T`` and the chunk count are runtime
+Gate gradients (when a gate requires grad) come from the same program: with ``P = (dY V^T) o (Q K^T)``
+(summed over V-blocks), ``E_tj = e^{b_{t-1}-b_j}`` (j < t), ``qc_t = q_t^T C^- dy_t``, ``kg_j = k_j^T G v_j``:
+``dd_t = P_tt``, ``dm_t = sum_j P_tj E_tj s_j + e^{b_{t-1}} qc_t``, ``ds_j = sum_t P_tj m_t E_tj + e^{b_last-b_j} kg_j``
+and ``d log tau`` from the gradients of ``b_{t-1}``, ``b_j`` and ``b_last`` (incl. ``e^{b_last} <C^-, G>``) by a
+reverse cumulative sum. The dispatcher in ``kernels/sequence.py`` sends packed ``cu_seqlens`` and
+non-positive transitions to the recurrent scan. ``T`` and the chunk count are runtime
 arguments; only head dims, block sizes and dtype-derived flags are compile-time constants.
 """
 from __future__ import annotations
@@ -395,8 +399,8 @@ def plstm_sequence_chunk_triton(
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise Triton pLSTM sequence operator for positive transitions; differentiable in q, k, v and
-    initial_state (gates are treated as constants: check :func:`chunk_supported` first).
+    """Chunkwise Triton pLSTM sequence operator for positive transitions; differentiable in every input
+    (q, k, v, the four gates, initial_state). Check :func:`chunk_supported` first.
 
     Shapes:
         q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; gates ``[B, T, H]`` (transition > 0); initial_state
