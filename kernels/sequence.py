@@ -1,8 +1,9 @@
 """Triton kernels of the pLSTM sequence operator (SPEC section 4): a fused recurrent scan, forward and backward.
 
-This is the first, simple step of issue 7 item 2 (NOT yet the chunkwise matmul kernels that compete with
-flash-linear-attention's ``chunk_retention``): one program per (sequence, head, V-block) keeps the state
-``C`` (``[K, BV]``, float32) in registers and walks the tokens:
+:func:`plstm_sequence_triton` runs the chunkwise tensor-core kernels of :mod:`.sequence_chunk` when they
+apply (every transition > 0, no ``cu_seqlens``; e.g. retention) and otherwise the general recurrent scan of
+this module: one program per (sequence, head, V-block) keeps the state ``C`` (``[K, BV]``, float32) in
+registers and walks the tokens:
 
     y_t = m_t q_t^T C_{t-1} + d_t (q_t . k_t) v_t,      C_t = tau_t C_{t-1} + s_t k_t v_t^T
 
