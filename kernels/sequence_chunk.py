@@ -383,7 +383,10 @@ def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or q.shape[1] == 0 or q.shape[0] == 0:
+    B, T, H, K = q.shape
+    if K > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or T == 0 or B == 0:
+        return False
+    if B * H > 65535 or -(-T // chunk_size_for(16, K)) > 65535:  # CUDA grid y/z limits of the launches
         return False
     return bool((transition > 0).all())
 
