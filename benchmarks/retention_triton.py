@@ -125,6 +125,49 @@ def main():
         print(f"{str((B, T, H, K, V)):<26}" + "".join(cells), flush=True)
     print("\n(fla/ours > 1: ours faster; rel err: max |triton - torch fp32| / max |torch fp32| over o, final "
           "state, dq, dk, dv)")
+    gated(shapes, iters, cs, dev, dtype)
+
+
+def gated(shapes, iters, cs, dev, dtype):
+    """Data-dependent transitions (sigmoid of a learned logit, gradient included) against fla's
+    chunk_simple_gla (same decay structure, decay applied one step later; timing only)."""
+    from plstm_graph.ops.sequence import plstm_sequence
+
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        chunk_simple_gla = None
+    print("\n# gated: transition = sigmoid(logit) [B, T, H] with gradient; fwd+bwd median ms")
+    print(f"{'B, T, H, K, V':<26}{'triton chunk':>17}{'torch chunkwise':>17}{'fla simple_gla':>17}{'fla/ours':>17}")
+    for B, T, H, K, V in shapes:
+        g = torch.Generator().manual_seed(1)
+        q, k = (torch.randn(B, T, H, K, generator=g).to(dev, dtype).requires_grad_() for _ in range(2))
+        v = torch.randn(B, T, H, V, generator=g).to(dev, dtype).requires_grad_()
+        logit = (torch.randn(B, T, H, generator=g) + 4.0).to(dev).requires_grad_()
+        ones = torch.ones(B, T, H, device=dev)
+        scale = K ** -0.5
+
+        def run(backend):
+            def fn(q, k, v, logit):
+                tau = torch.sigmoid(logit)
+                return plstm_sequence(q, k, v, ones, tau, tau * scale, ones * scale, chunk_size=cs,
+                                      backend=backend)[0]
+            return fn
+        row = [bench(run("triton"), [q, k, v, logit], iters)]
+        try:
+            row.append(bench(run("torch"), [q, k, v, logit], iters if dev.type == "cuda" else 1))
+        except torch.cuda.OutOfMemoryError:
+            row.append(float("nan"))
+        fla_ms = float("nan")
+        if chunk_simple_gla is not None and dev.type == "cuda":
+            try:
+                fla_ms = bench(lambda q, k, v, lg: chunk_simple_gla(q, k, v, g=torch.nn.functional.logsigmoid(lg),
+                                                                    scale=scale)[0], [q, k, v, logit], iters)
+            except Exception as e:  # an fla API change must not stop the table
+                print(f"  (fla chunk_simple_gla failed: {type(e).__name__}: {e})")
+        row += [fla_ms, fla_ms / row[0]]
+        print(f"{str((B, T, H, K, V)):<26}" + "".join(f"{x * 1e3:>17.2f}" for x in row[:3]) + f"{row[3]:>17.3g}",
+              flush=True)
 
 
 if __name__ == "__main__":
