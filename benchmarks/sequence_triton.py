@@ -1,4 +1,5 @@
-"""Retention forward+backward: the Triton recurrent scan (``kernels/sequence.py``) against the torch chunkwise
+"""Retention forward+backward: the Triton recurrent scan (``kernels/sequence.py``, strategy="scan"; see
+benchmarks/retention_triton.py for the chunkwise kernels) against the torch chunkwise
 path of ``plstm_sequence`` (when present) and flash-linear-attention's ``chunk_retention`` (when installed).
 
 Retention is ``plstm_sequence(scale*q, k, v, source=1, transition=gamma, mark=gamma, direct=1)`` (SPEC 4).
@@ -75,7 +76,7 @@ def main():
         scale = K ** -0.5
 
         def triton_fn(q, k, v):
-            return kseq.plstm_sequence_triton(q * scale, k, v, ones, tau, tau, ones)[0]
+            return kseq.plstm_sequence_triton(q * scale, k, v, ones, tau, tau, ones, strategy="scan")[0]
         row = [bench(triton_fn, [q, k, v], iters)]
         if plstm_sequence is not None:
             row.append(bench(lambda q, k, v: plstm_sequence(q * scale, k, v, ones, tau, tau, ones)[0], [q, k, v], iters))

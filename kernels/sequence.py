@@ -1,8 +1,9 @@
 """Triton kernels of the pLSTM sequence operator (SPEC section 4): a fused recurrent scan, forward and backward.
 
-This is the first, simple step of issue 7 item 2 (NOT yet the chunkwise matmul kernels that compete with
-flash-linear-attention's ``chunk_retention``): one program per (sequence, head, V-block) keeps the state
-``C`` (``[K, BV]``, float32) in registers and walks the tokens:
+:func:`plstm_sequence_triton` runs the chunkwise tensor-core kernels of :mod:`.sequence_chunk` when they
+apply (every transition > 0, no ``cu_seqlens``; e.g. retention) and otherwise the general recurrent scan of
+this module: one program per (sequence, head, V-block) keeps the state ``C`` (``[K, BV]``, float32) in
+registers and walks the tokens:
 
     y_t = m_t q_t^T C_{t-1} + d_t (q_t . k_t) v_t,      C_t = tau_t C_{t-1} + s_t k_t v_t^T
 
@@ -301,14 +302,20 @@ def plstm_sequence_triton(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    strategy: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused recurrent-scan pLSTM sequence operator (SPEC section 4); differentiable in every input.
+    """Triton pLSTM sequence operator (SPEC section 4); differentiable in every input.
+
+    ``strategy="auto"`` runs the chunkwise tensor-core kernels (:mod:`.sequence_chunk`) when they apply
+    (every transition > 0, no ``cu_seqlens``, q/k/v of one dtype; e.g. retention) and otherwise this
+    module's fused recurrent scan; ``"chunk"`` insists on the former, ``"scan"`` on the latter.
 
     Shapes:
         q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; gates ``[B, T, H]``; initial_state ``[N, H, K, V]`` or None
         (N = B, or the number of sequences of ``cu_seqlens`` with B = 1). Returns ``y [B, T, H, V]`` in
         ``v``'s dtype and ``final_state [N, H, K, V]`` float32. ``K, V <= 256``. ``chunk_size``: tokens
-        between the checkpoints kept for the backward.
+        between the checkpoints kept for the backward (scan), or the chunk length (chunk: rounded to a power
+        of two in [16, 64]).
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -323,6 +330,19 @@ def plstm_sequence_triton(
     _blocks(q.shape[-1], v.shape[-1])
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+    if strategy not in ("auto", "chunk", "scan"):
+        raise ValueError(f"strategy must be 'auto', 'chunk' or 'scan', got {strategy!r}")
+    if strategy != "scan":
+        from . import sequence_chunk as _kc
+
+        if _kc.chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens):
+            return _kc.plstm_sequence_chunk_triton(q, k, v, source, transition, mark, direct,
+                                                   initial_state=initial_state, chunk_size=chunk_size)
+        if strategy == "chunk":
+            raise ValueError(
+                "strategy='chunk' needs every transition > 0, no cu_seqlens and q/k/v of one dtype; use "
+                "strategy='auto' to fall back to the recurrent scan"
+            )
     return _SeqScan.apply(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, int(chunk_size))
 
 

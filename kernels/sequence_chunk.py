@@ -1,0 +1,419 @@
+"""Chunkwise Triton kernels of the pLSTM sequence operator (SPEC section 4) for positive transitions
+(RetNet retention, gated retention): tensor-core matmuls inside chunks, a state pass across chunks.
+
+Within a chunk of length ``BT`` entered with state ``C^-`` and ``b_t = sum_{i <= t in chunk} log tau_i``
+(so every ``tau_i`` must be > 0):
+
+    y_t   = m_t e^{b_{t-1}} q_t^T C^-  +  sum_{j<t} m_t e^{b_{t-1} - b_j} s_j (q_t . k_j) v_j  +  d_t (q_t . k_t) v_t
+    C_end = e^{b_last} C^-  +  sum_j e^{b_last - b_j} s_j k_j v_j^T
+
+Write ``S = (Q K^T) o M`` with ``M_tj = m_t e^{b_{t-1}-b_j} s_j`` (j < t), ``M_tt = d_t``, ``a_t = m_t e^{b_{t-1}}``,
+``w_j = s_j e^{b_last - b_j}``; then ``Y = S V + diag(a) Q C^-``. Four kernels:
+
+1. ``_fwd_h``  (program per (V-block, b*h)): walks the chunks, stores each chunk's entering state ``C^-``
+   (float32, ``[B, NT, H, K, V]``) and the final state; ``C <- e^{b_last} C + (K o w)^T V`` with ``tl.dot``.
+2. ``_fwd_o``  (program per (V-block, chunk, b*h)): ``Y = S V + diag(a) Q C^-``, all chunks in parallel.
+3. ``_bwd_dh`` (program per (V-block, b*h)): the adjoint state pass, chunks backwards:
+   ``G^- = e^{b_last} G + (Q o a)^T dY`` from ``G = d final_state``; stores each chunk's leaving adjoint and
+   ``d initial_state``.
+4. ``_bwd_dqkv`` (program per (chunk, b*h), looping over V-blocks; the state passes 1 and 3 also split K):
+   ``dV = S^T dY + diag(w) K G``,  ``dS = (dY V^T) o M``,  ``dQ = dS K + diag(a) dY C^-^T``,
+   ``dK = dS^T Q + diag(w) V G^T``.
+
+Gate gradients (when a gate requires grad) come from the same program: with ``P = (dY V^T) o (Q K^T)``
+(summed over V-blocks), ``E_tj = e^{b_{t-1}-b_j}`` (j < t), ``qc_t = q_t^T C^- dy_t``, ``kg_j = k_j^T G v_j``:
+``dd_t = P_tt``, ``dm_t = sum_j P_tj E_tj s_j + e^{b_{t-1}} qc_t``, ``ds_j = sum_t P_tj m_t E_tj + e^{b_last-b_j} kg_j``
+and ``d log tau`` from the gradients of ``b_{t-1}``, ``b_j`` and ``b_last`` (incl. ``e^{b_last} <C^-, G>``) by a
+reverse cumulative sum. The dispatcher in ``kernels/sequence.py`` sends packed ``cu_seqlens`` and
+non-positive transitions to the recurrent scan. ``T`` and the chunk count are runtime
+arguments; only head dims, block sizes and dtype-derived flags are compile-time constants.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+triton = None
+tl = None
+
+
+def _import_triton():
+    global triton, tl
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+    return triton
+
+
+_JITTED = {}
+_HELPERS = ("_gate_chunk", "_mask_matrix", "_dot")
+
+
+def _jit(fn):
+    """``triton.jit(fn)`` on first call, per interpreter mode (so ``TRITON_INTERPRET`` set after import counts);
+    the device helpers the kernels call are jitted for the same mode and bound as module globals."""
+    mode = os.environ.get("TRITON_INTERPRET") == "1"
+    jit = _import_triton().jit
+    for name in _HELPERS:
+        hk = (name, mode)
+        if hk not in _JITTED:
+            _JITTED[hk] = jit(globals()[name + "_py"])
+        globals()[name] = _JITTED[hk]
+    key = (fn.__name__, mode)
+    kern = _JITTED.get(key)
+    if kern is None:
+        kern = jit(do_not_specialize=["T", "NT"])(fn)
+        if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
+            cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+            kern = triton.autotune(configs=cfgs, key=["K", "V", "BT", "BK", "BV"])(kern)
+        _JITTED[key] = kern
+    return kern
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_py(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with float32 accumulation. UPCAST (CPU interpreter only): float32 operands, because the
+    triton 3.6 interpreter returns garbage for bf16 x bf16 -> fp32 dots; the operands were already rounded to
+    the input dtype, so the interpreter still sees the GPU's rounding."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+def _gate_chunk_py(ptr, row0, t0, T, H, BT: tl.constexpr, other):
+    """Load one chunk of a [B, T, H] gate (row0 = b*T*H + h) as float32 [BT]; padded tokens get ``other``."""
+    offt = t0 + tl.arange(0, BT)
+    return tl.load(ptr + row0 + offt.to(tl.int64) * H, mask=offt < T, other=other).to(tl.float32)
+
+
+def _fwd_h(k, v, src, lg, h0, hs, hT, T, H, NT,
+           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           HAS_H0: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    kb = tl.program_id(0) // tl.cdiv(V, BV)
+    vb = tl.program_id(0) % tl.cdiv(V, BV)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row0 = b * T * H + h  # [B, T, H] gate offset of (b, 0, h)
+    kbase = k + row0 * K
+    vbase = v + row0 * V
+    if HAS_H0:
+        p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        c = tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    else:
+        c = tl.zeros([BK, BV], dtype=tl.float32)
+    ci = 0
+    while ci < NT:
+        t0 = ci * BT
+        ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        tl.store(ph, c, boundary_check=(0, 1))
+        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
+        s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
+        bc = tl.cumsum(g, axis=0)
+        blast = tl.sum(g, axis=0)
+        w = s * tl.exp(blast - bc)
+        pk = tl.make_block_ptr(kbase, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
+        pv = tl.make_block_ptr(vbase, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+        kt = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
+        vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
+        c = c * tl.exp(blast) + _dot((kt * w[None, :]).to(vv.dtype), vv, PREC, UPCAST)
+        ci += 1
+    pT = tl.make_block_ptr(hT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+    tl.store(pT, c, boundary_check=(0, 1))
+
+
+def _mask_matrix_py(lg, src, mrk, dirc, row0, t0, T, H, BT: tl.constexpr):
+    """Gating of one chunk: M [BT, BT] (M_tj = m_t e^{b_{t-1}-b_j} s_j for j < t, M_tt = d_t, else 0),
+    a_t = m_t e^{b_{t-1}} and w_j = s_j e^{b_last - b_j} (float32)."""
+    g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
+    s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
+    m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+    d = _gate_chunk(dirc, row0, t0, T, H, BT, 0.0)
+    bc = tl.cumsum(g, axis=0)
+    bp = bc - g
+    blast = tl.sum(g, axis=0)
+    i = tl.arange(0, BT)
+    lower = i[:, None] > i[None, :]
+    expo = tl.where(lower, bp[:, None] - bc[None, :], 0.0)
+    mm = tl.where(lower, tl.exp(expo) * (m[:, None] * s[None, :]), 0.0)
+    mm = tl.where(i[:, None] == i[None, :], d[:, None], mm)
+    return mm, m * tl.exp(bp), s * tl.exp(blast - bc)
+
+
+def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
+           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           PREC: tl.constexpr, UPCAST: tl.constexpr):
+    vb = tl.program_id(0)
+    ci = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row0 = b * T * H + h
+    t0 = ci * BT
+    mm, a, _ = _mask_matrix(lg, src, mrk, dirc, row0, t0, T, H, BT)
+    pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+    ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+    qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
+    kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
+    vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
+    c = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
+    sc = _dot(qq, tl.trans(kk), PREC, UPCAST) * mm
+    out = _dot(sc.to(vv.dtype), vv, PREC, UPCAST)
+    out += a[:, None] * _dot(qq, c.to(qq.dtype), PREC, UPCAST)
+    py = tl.make_block_ptr(y + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+    tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
+
+
+def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
+            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            HAS_DHT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    kb = tl.program_id(0) // tl.cdiv(V, BV)
+    vb = tl.program_id(0) % tl.cdiv(V, BV)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row0 = b * T * H + h
+    if HAS_DHT:
+        pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        gs = tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    else:
+        gs = tl.zeros([BK, BV], dtype=tl.float32)
+    ci = NT - 1
+    while ci >= 0:
+        t0 = ci * BT
+        ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        tl.store(ph, gs, boundary_check=(0, 1))
+        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
+        m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+        bc = tl.cumsum(g, axis=0)
+        a = m * tl.exp(bc - g)
+        blast = tl.sum(g, axis=0)
+        pq = tl.make_block_ptr(q + row0 * K, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
+        pd = tl.make_block_ptr(dy + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+        qt = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
+        dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
+        gs = gs * tl.exp(blast) + _dot((qt * a[None, :]).to(dd.dtype), dd, PREC, UPCAST)
+        ci -= 1
+    p0 = tl.make_block_ptr(dh0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+    tl.store(p0, gs, boundary_check=(0, 1))
+
+
+def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, dsrc, dlg, dmrk, ddir, T, H, NT,
+              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, GATE_GRAD: tl.constexpr):
+    ci = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row0 = b * T * H + h
+    t0 = ci * BT
+    mm, a, w = _mask_matrix(lg, src, mrk, dirc, row0, t0, T, H, BT)
+    pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
+    kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
+    qk = _dot(qq, tl.trans(kk), PREC, UPCAST)
+    st = tl.trans(qk * mm).to(qq.dtype)  # S^T
+    gq = tl.zeros([BT, BK], dtype=tl.float32)
+    gk = tl.zeros([BT, BK], dtype=tl.float32)
+    # gate gradients: dY V^T summed over V-blocks, q_t^T C^- dy_t, k_j^T G v_j and <C^-, G>
+    dyv = tl.zeros([BT, BT], dtype=tl.float32)
+    qc = tl.zeros([BT], dtype=tl.float32)
+    kg = tl.zeros([BT], dtype=tl.float32)
+    cg = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    hoff = ((b * NT + ci) * H + h) * K * V
+    for vb in range(0, tl.cdiv(V, BV)):
+        pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+        pd = tl.make_block_ptr(dy + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+        ph = tl.make_block_ptr(hs + hoff, (V, K), (1, V), (vb * BV, 0), (BV, BK), (0, 1))   # C^-^T
+        pg = tl.make_block_ptr(dhs + hoff, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))  # G
+        vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
+        dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
+        ct = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
+        gg = tl.load(pg, boundary_check=(0, 1), padding_option="zero")
+        gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
+        kgv = _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
+        gv += w[:, None] * kgv
+        pdv = tl.make_block_ptr(dv + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
+        tl.store(pdv, gv.to(dv.dtype.element_ty), boundary_check=(0, 1))
+        dvt = _dot(dd, tl.trans(vv), PREC, UPCAST)
+        ds = dvt * mm
+        if GATE_GRAD:
+            dyv += dvt
+            qcv = _dot(qq, tl.trans(ct).to(qq.dtype), PREC, UPCAST)
+            qc += tl.sum(qcv * dd.to(tl.float32), axis=1)
+            kg += tl.sum(kgv * vv.to(tl.float32), axis=1)
+            cg += tl.sum(tl.sum(tl.trans(ct) * gg, axis=1), axis=0)
+        gq += _dot(ds.to(qq.dtype), kk, PREC, UPCAST)
+        gq += a[:, None] * _dot(dd, ct.to(dd.dtype), PREC, UPCAST)
+        gk += _dot(tl.trans(ds).to(qq.dtype), qq, PREC, UPCAST)
+        gk += w[:, None] * _dot(vv, tl.trans(gg).to(vv.dtype), PREC, UPCAST)
+    pdq = tl.make_block_ptr(dq + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    pdk = tl.make_block_ptr(dk + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
+    tl.store(pdq, gq.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(pdk, gk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    if GATE_GRAD:
+        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
+        sg = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
+        mg = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+        bc = tl.cumsum(g, axis=0)
+        bp = bc - g
+        blast = tl.sum(g, axis=0)
+        i = tl.arange(0, BT)
+        lower = i[:, None] > i[None, :]
+        e = tl.where(lower, tl.exp(tl.where(lower, bp[:, None] - bc[None, :], 0.0)), 0.0)
+        pp = dyv * qk  # dL/dM (every entry)
+        r = pp * e * (mg[:, None] * sg[None, :])  # dL/d(exponent) of the strict lower part
+        ebp = tl.exp(bp)
+        ew = tl.exp(blast - bc)
+        g_d = tl.sum(tl.where(i[:, None] == i[None, :], pp, 0.0), axis=1)
+        g_m = tl.sum(pp * e * sg[None, :], axis=1) + ebp * qc
+        g_s = tl.sum(pp * e * mg[:, None], axis=0) + ew * kg
+        d_bp = tl.sum(r, axis=1) + mg * ebp * qc
+        d_bc = d_bp - tl.sum(r, axis=0) - sg * ew * kg
+        d_blast = tl.sum(sg * ew * kg, axis=0) + tl.exp(blast) * cg
+        g_g = tl.cumsum(d_bc, axis=0, reverse=True) - d_bp + d_blast
+        offt = t0 + i
+        msk = offt < T
+        goff = row0 + offt.to(tl.int64) * H
+        tl.store(ddir + goff, g_d, mask=msk)
+        tl.store(dmrk + goff, g_m, mask=msk)
+        tl.store(dsrc + goff, g_s, mask=msk)
+        tl.store(dlg + goff, g_g, mask=msk)
+
+
+def chunk_size_for(chunk_size: int, K: int) -> int:
+    """The kernel chunk length: ``chunk_size`` rounded to a power of two in [16, 64] (32 for K > 128)."""
+    bt = min(64, max(16, _pow2(chunk_size)))
+    return min(bt, 32) if K > 128 else bt
+
+
+def _blocks(K: int, V: int):
+    bk = max(16, _pow2(K))
+    bv = max(16, min(_pow2(V), 64))
+    return bk, bv
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _SeqChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, source, transition, mark, direct, initial_state, chunk_size):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        f32 = dict(dtype=torch.float32, device=q.device)
+        src, mrk, dirc = (g.to(torch.float32).contiguous() for g in (source, mark, direct))
+        lg = torch.log(transition.to(torch.float32)).contiguous()
+        bt = chunk_size_for(chunk_size, K)
+        nt = -(-T // bt)
+        bk, bv = _blocks(K, V)
+        nvb = -(-V // bv)
+        prec = _prec(q.dtype)
+        hs = torch.empty(B, nt, H, K, V, **f32)
+        hT = torch.empty(B, H, K, V, **f32)
+        y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+        h0 = initial_state.contiguous() if initial_state is not None else hT
+        bks = min(bk, 64)  # the state passes split K too: twice the programs on long, narrow batches
+        _jit(_fwd_h)[(-(-K // bks) * nvb, B * H)](k, v, src, lg, h0, hs, hT, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
+                                   HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
+        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, y, T, H, nt, K=K, V=V, BT=bt, BK=bk,
+                                       BV=bv, PREC=prec, UPCAST=_interpreting())
+        ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs)
+        ctx.gate_dtypes = [g.dtype for g in (source, transition, mark, direct)]
+        ctx.meta = (bt, initial_state is not None, None if initial_state is None else initial_state.dtype)
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        q, k, v, src, lg, mrk, dirc, hs = ctx.saved_tensors
+        bt, has_h0, h0_dtype = ctx.meta
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        nt = hs.shape[1]
+        bk, bv = _blocks(K, V)
+        nvb = -(-V // bv)
+        prec = _prec(q.dtype)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dy = (dy if dy is not None else torch.zeros_like(v)).to(v.dtype).contiguous()
+        dhs = torch.empty(B, nt, H, K, V, **f32)
+        dh0 = torch.empty(B, H, K, V, **f32)
+        dhT_ = dhT.float().contiguous() if dhT is not None else dh0
+        bks = min(bk, 64)
+        _jit(_bwd_dh)[(-(-K // bks) * nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
+                                    HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        gate_grad = any(ctx.needs_input_grad[3:7])
+        gbuf = [torch.empty(B, T, H, **f32) for _ in range(4)] if gate_grad else [dq] * 4
+        _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, *gbuf, T, H, nt, K=K,
+                                     V=V, BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting(),
+                                     GATE_GRAD=gate_grad)
+        gates = [None] * 4
+        if gate_grad:
+            d_src, d_lg, d_mrk, d_dir = gbuf
+            gates = [d_src, d_lg / torch.exp(lg), d_mrk, d_dir]  # d tau = d log(tau) / tau
+            gates = [gr.to(dt) if need else None
+                     for gr, dt, need in zip(gates, ctx.gate_dtypes, ctx.needs_input_grad[3:7])]
+        return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None
+
+
+def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens) -> bool:
+    """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256 and
+    every transition > 0 (a device sync on the transition tensor)."""
+    if cu_seqlens is not None or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    B, T, H, K = q.shape
+    if K > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or T == 0 or B == 0:
+        return False
+    if B * H > 65535 or -(-T // chunk_size_for(16, K)) > 65535:  # CUDA grid y/z limits of the launches
+        return False
+    return bool((transition > 0).all())
+
+
+def plstm_sequence_chunk_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    source: torch.Tensor,
+    transition: torch.Tensor,
+    mark: torch.Tensor,
+    direct: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise Triton pLSTM sequence operator for positive transitions; differentiable in every input
+    (q, k, v, the four gates, initial_state). Check :func:`chunk_supported` first.
+
+    Shapes:
+        q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; gates ``[B, T, H]`` (transition > 0); initial_state
+        ``[B, H, K, V]`` or None. Returns ``y [B, T, H, V]`` in ``v``'s dtype and ``final_state [B, H, K, V]``
+        float32.
+
+    Example:
+        >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
+        >>> x = torch.randn(1, 20, 2, 16)
+        >>> g = torch.rand(1, 20, 2) + 0.5
+        >>> y, final = plstm_sequence_chunk_triton(x, x, x, g, g, g, g, chunk_size=16)  # doctest: +SKIP
+    """
+    return _SeqChunk.apply(q, k, v, source, transition, mark, direct, initial_state, int(chunk_size))

@@ -1,0 +1,137 @@
+"""Chunkwise Triton sequence kernels (``kernels/sequence_chunk.py``) against plstm_graph's float64 recurrent
+oracle and torch chunkwise path (SPEC section 4): outputs, final state and the gradients of q, k, v and the
+initial state, on hostile lengths (T = 1, 15, 63, 130 with chunk 16), head dims 16/32 and several V-blocks;
+plus the dispatch of ``backend="triton"`` (chunk kernels for retention, scan fallback otherwise). Triton
+interpreter on CPU (or CUDA when present)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'plstm-graph[triton]')")
+
+from plstm_graph.kernels import sequence as kseq  # noqa: E402
+from plstm_graph.kernels import sequence_chunk as kchunk  # noqa: E402
+from plstm_graph.ops.sequence import plstm_sequence, retention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, T, H, K, V, seed, positive_gates=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    if positive_gates:
+        s, m, d = (torch.rand(B, T, H, generator=g) + 0.1 for _ in range(3))
+    else:
+        s, m, d = (torch.randn(B, T, H, generator=g) for _ in range(3))  # any sign: only tau must be > 0
+    tau = torch.rand(B, T, H, generator=g) * 0.9 + 0.1  # data-dependent, in (0.1, 1)
+    h0 = torch.randn(B, H, K, V, generator=g)
+    return (q, k, v), (s, tau, m, d), h0
+
+
+def _compare(outs, refs, tol, names):
+    for name, a, b in zip(names, outs, refs):
+        scale = b.abs().max().item() + 1e-6
+        err = (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
+        assert err <= tol * scale, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, seed=0, gate_grad=True):
+    (q, k, v), gates, h0 = _inputs(B, T, H, K, V, seed)
+    gates = [g.to(DEVICE).requires_grad_(gate_grad) for g in gates]
+    leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    init = h0.to(DEVICE).requires_grad_() if with_h0 else None
+    assert kchunk.chunk_supported(*leaves, *gates, init, None)
+    y, fin = kchunk.plstm_sequence_chunk_triton(*leaves, *gates, initial_state=init,
+                                                chunk_size=chunk)
+    refs = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    init_ref = h0.double().requires_grad_() if with_h0 else None
+    gates_ref = [g.detach().cpu().double().requires_grad_() for g in gates]
+    y_ref, fin_ref = plstm_sequence(*refs, *gates_ref, initial_state=init_ref,
+                                    output_final_state=True, mode="recurrent")
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    dfin = torch.randn(fin_ref.shape, generator=gen, dtype=torch.float64)
+    ins = leaves + ([init] if with_h0 else []) + (gates if gate_grad else [])
+    ins_ref = refs + ([init_ref] if with_h0 else []) + (gates_ref if gate_grad else [])
+    g = torch.autograd.grad((y * dy.to(DEVICE, y.dtype)).sum() + (fin * dfin.to(DEVICE)).sum(), ins)
+    g_ref = torch.autograd.grad((y_ref * dy).sum() + (fin_ref * dfin).sum(), ins_ref)
+    assert y.dtype == dtype and fin.dtype == torch.float32 and y.shape == y_ref.shape
+    assert all(a.dtype == b.dtype for a, b in zip(g, ins))
+    names = ["y", "final", "dq", "dk", "dv"] + (["dinitial"] if with_h0 else [])
+    names += ["dsource", "dtransition", "dmark", "ddirect"] if gate_grad else []
+    assert len(names) == len(g) + 2
+    _compare((y, fin) + g, (y_ref, fin_ref) + g_ref, tol, names)
+
+
+@pytest.mark.parametrize("T", [1, 15, 63, 130])
+def test_matches_recurrent_oracle_hostile_lengths(T):
+    _check(B=2 if T < 100 else 1, T=T, H=2, K=16, V=32, chunk=16, seed=T)
+
+
+def test_head_dims_not_powers_of_two_and_several_v_blocks():
+    # K = 20 pads to a 32-wide tile; V = 80 spans two 64-wide V-blocks (the second one masked)
+    _check(B=1, T=37, H=1, K=20, V=80, chunk=16, seed=3)
+
+
+def test_state_passes_split_k():
+    # K = 80: the state passes run two 64-row K-blocks (the second masked), the output kernels one 128 tile
+    _check(B=1, T=20, H=1, K=80, V=16, chunk=16, seed=9)
+
+
+def test_no_initial_state_and_chunk_32():
+    _check(B=1, T=40, H=2, K=32, V=16, chunk=32, with_h0=False, seed=4)
+
+
+def test_constant_gates_without_grad():
+    _check(B=1, T=40, H=1, K=16, V=16, chunk=16, seed=10, gate_grad=False)
+
+
+def test_bf16_inputs():
+    _check(B=1, T=33, H=1, K=16, V=16, chunk=16, dtype=torch.bfloat16, tol=4e-2, seed=5)
+
+
+def test_retention_backend_triton_matches_torch_chunkwise():
+    (q, k, v), _, h0 = _inputs(2, 50, 3, 16, 16, seed=6)
+    outs, refs = [], []
+    for backend, store in (("triton", outs), ("torch", refs)):
+        leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, h0)]
+        o, fin = retention(*leaves[:3], initial_state=leaves[3], output_final_state=True, chunk_size=16,
+                           backend=backend)
+        gen = torch.Generator().manual_seed(7)
+        dy, dfin = torch.randn(o.shape, generator=gen), torch.randn(fin.shape, generator=gen)
+        store.extend([o, fin, *torch.autograd.grad((o * dy.to(DEVICE)).sum() + (fin * dfin.to(DEVICE)).sum(),
+                                                   leaves)])
+    _compare(outs, refs, 1e-5, ["o", "final", "dq", "dk", "dv", "dinitial"])
+
+
+def test_dispatch_chunk_when_supported_scan_otherwise(monkeypatch):
+    calls = []
+    real = kchunk.plstm_sequence_chunk_triton
+    monkeypatch.setattr(kchunk, "plstm_sequence_chunk_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    (q, k, v), gates, _ = _inputs(1, 9, 1, 16, 16, seed=8)
+    dev = [x.to(DEVICE) for x in (q, k, v)]
+    g = [x.to(DEVICE) for x in gates]
+    kseq.plstm_sequence_triton(*dev, *g)
+    assert len(calls) == 1
+    g_grad = [g[0], g[1].clone().requires_grad_(), g[2], g[3]]
+    kseq.plstm_sequence_triton(*dev, *g_grad)
+    assert len(calls) == 2
+    # a zero or negative transition, or packing: the recurrent scan, with correct results
+    for bad in (0.0, -0.5):
+        g_bad = [g[0], g[1].clone(), g[2], g[3]]
+        g_bad[1][0, 3] = bad
+        y, _ = kseq.plstm_sequence_triton(*dev, *g_bad)
+        y_ref, _ = plstm_sequence(*dev, *g_bad, mode="recurrent")
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g_zero = g_bad
+    y, _ = kseq.plstm_sequence_triton(*dev, *g, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="transition > 0"):
+        kseq.plstm_sequence_triton(*dev, *g_zero, strategy="chunk")
+    with pytest.raises(ValueError, match="strategy"):
+        kseq.plstm_sequence_triton(*dev, *g, strategy="fast")
