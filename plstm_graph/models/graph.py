@@ -50,7 +50,7 @@ class PLSTMGraphModel(nn.Module):
         self, in_dim: int, dim: int, out_dim: int, num_heads: int = 4, num_layers: int = 4,
         edge_in_dim: Optional[int] = None, task: str = "graph", readout: str = "mean",
         pattern: Optional[Sequence[Tuple[str, bool]]] = None, mlp_ratio: float = 2.0, dropout: float = 0.0,
-        backend: str = "levels", **layer_kwargs,
+        backend: str = "auto", **layer_kwargs,
     ):
         super().__init__()
         if task not in ("graph", "node"):

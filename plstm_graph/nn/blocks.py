@@ -40,7 +40,7 @@ class PLSTMGraphBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, mode: str = "P", reverse: bool = False, edge_dim: Optional[int] = None,
-        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "levels", **layer_kwargs,
+        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", **layer_kwargs,
     ):
         super().__init__()
         self.norm1 = nn.RMSNorm(dim, eps=1e-5)
@@ -92,7 +92,7 @@ class PLSTMGraphStack(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, num_layers: int = 4, pattern: Optional[Sequence[Tuple[str, bool]]] = None,
-        edge_dim: Optional[int] = None, mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "levels",
+        edge_dim: Optional[int] = None, mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto",
         **layer_kwargs,
     ):
         super().__init__()

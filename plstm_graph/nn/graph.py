@@ -159,7 +159,7 @@ class PLSTMGraphLayer(nn.Module):
         edge_dim: Optional[int] = None,
         head_dim: Optional[int] = None,
         *,
-        backend: str = "levels",
+        backend: str = "auto",
         normalize: bool = True,
         source_bias: float = -4.0,
         mark_bias: float = -4.0,
