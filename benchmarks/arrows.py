@@ -35,11 +35,13 @@ from plstm_graph.models import PLSTMVisionModel, ViT
 
 PRESETS = {
     # 2 shared CPU cores, one thread: a pLSTM step (8x8 grid, batch 32) takes ~1-2 s there.
+    # a pLSTM step takes 0.4-1.3 s there (load varies), so the 240 s cap may cut it a few steps short.
     "cpu": dict(resolution=32, patch=4, dim=64, heads=2, vit_heads=4, blocks=1, steps=300, batch=32, lr=2e-3,
                 train_samples=20000, eval_samples=512, time_limit=240.0, threads=1, device="cpu"),
-    # one H200; 50k images at 32 px generate in well under a minute on the host CPU; each model <= 90 s.
+    # one H200; 50k images at 32 px generate in ~20-30 s on the host CPU; each model trains <= 75 s, so the
+    # whole run (startup, generation, 2 x training, evaluation) stays under 4 minutes.
     "gpu": dict(resolution=32, patch=4, dim=128, heads=4, vit_heads=4, blocks=2, steps=4000, batch=128, lr=1e-3,
-                train_samples=50000, eval_samples=2048, time_limit=90.0, threads=8, device="cuda"),
+                train_samples=50000, eval_samples=2048, time_limit=75.0, threads=8, device="cuda"),
 }
 
 
