@@ -16,7 +16,8 @@ Choices (see docs/grid.md, "Arrow-pointing extrapolation"):
 * The schedule is linear warm-up (5 %) then cosine to 0, over ``--steps``; ``--time-limit`` (seconds per
   model) is a safety cap: the schedule's progress is ``max(step / steps, elapsed / time_limit)``, so a model
   that is slower than planned still anneals fully and stops in time. The table reports the steps each model
-  actually made (the same for both unless the cap bit).
+  actually made. If the cap stops the first model (the pLSTM model) early, the later ones train the same
+  number of steps, so both see the same images; the cap is only a wall-clock guard.
 * Both models use the same width, patch size, MLP ratio, optimiser and data order; the ViT gets ``2 x
   --blocks`` attention blocks (the pLSTM model has ``--blocks`` (P, D) pairs). Position embeddings are
   resized bicubically for the larger test sizes, for both models (as in the paper).
@@ -149,6 +150,9 @@ def main(argv=None):
         model = build(name, args).to(device)
         print(f"training {name} ({count(model)} parameters)", flush=True)
         seconds, steps = train(model, train_x, train_y, args, device, name)
+        if steps < args.steps:  # the time cap bit: later models get the same number of steps (same data seen)
+            print(f"  {name} stopped at the time cap after {steps} steps; later models train {steps} steps")
+            args.steps = steps
         accs = {k: accuracy(model, x, y, device) for k, (x, y) in evals.items()}
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
         rows.append((name, count(model), steps, seconds, accs))
