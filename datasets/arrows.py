@@ -28,7 +28,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
-__all__ = ["ArrowScene", "points_at", "sample_scene", "render", "ArrowPointing", "make_arrow_dataset"]
+__all__ = ["ArrowScene", "points_at", "sample_scene", "render", "ArrowPointing", "make_arrow_dataset",
+           "sample_scenes", "render_batch", "make_arrow_dataset_fast"]
 
 _MARGIN = 0.05  # keep shapes this far from the image border
 _THICKNESS = 0.045  # line width of the arrow, in image widths (~1.5 px at 32 px)
@@ -174,3 +175,109 @@ def make_arrow_dataset(num_samples: int, resolution: int, seed: int = 0, progres
     for i in it:
         images[i], labels[i] = ds[i]
     return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vectorised generation (fast path). Same scene distribution and rasteriser as above, but all scenes of a
+# seed are drawn from ONE generator in vectorised rejection rounds, so scene ``i`` differs from
+# ``ArrowPointing(seed)[i]``. Scenes still do not depend on the resolution: the same seed gives the same
+# scenes at 32 px and at 64 px. ``render`` / ``sample_scene`` above are the readable reference; the tests
+# check that ``render_batch`` equals ``render`` scene by scene and that every label matches the geometry.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sample_scenes(num_samples: int, seed: int = 0) -> dict:
+    """Draw ``num_samples`` scenes (label ``i % 2``) as arrays: ``tail, tip, center [n, 2]``, ``radius [n]``,
+    ``arrow_color, circle_color [n, 3]``, ``label [n]``. Same acceptance rules as :func:`sample_scene`."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    rng = np.random.default_rng([seed, 0x5CE7E])
+    labels = np.arange(num_samples) % 2
+    out = {k: np.zeros((num_samples, d)) for k, d in
+           (("tail", 2), ("tip", 2), ("center", 2), ("radius", 1), ("arrow_color", 3), ("circle_color", 3))}
+    todo = {0: list(np.flatnonzero(labels == 0)), 1: list(np.flatnonzero(labels == 1))}
+    while todo[0] or todo[1]:
+        m = 4 * (len(todo[0]) + len(todo[1])) + 256
+        radius = rng.uniform(0.06, 0.12, m)
+        length = rng.uniform(0.2, 0.35, m)
+        theta = rng.uniform(0.0, 2 * np.pi, m)
+        tail = rng.uniform(_MARGIN, 1 - _MARGIN, (m, 2))
+        d = np.stack([np.cos(theta), np.sin(theta)], 1)
+        tip = tail + length[:, None] * d
+        center = _MARGIN + radius[:, None] + rng.uniform(0, 1, (m, 2)) * (1 - 2 * _MARGIN - 2 * radius[:, None])
+        acol, ccol = rng.uniform(0.5, 1.0, (m, 3)), rng.uniform(0.5, 1.0, (m, 3))
+        ok = (tip.min(1) >= _MARGIN) & (tip.max(1) <= 1 - _MARGIN)
+        w = center - tip
+        along = (w * d).sum(1)
+        perp = np.linalg.norm(w - along[:, None] * d, axis=1)
+        pos = (along > 0) & (perp <= 0.8 * radius)
+        neg = (along <= 0) | (perp >= 1.25 * radius)
+        gap = np.min([_point_segment_distance(center, a, b) for a, b in _segments_batch(tail, tip)], axis=0)
+        ok &= gap >= radius + 2 * _THICKNESS
+        for lab, cond in ((1, pos), (0, neg)):
+            idx = np.flatnonzero(ok & cond)[:len(todo[lab])]
+            dst, todo[lab] = todo[lab][:len(idx)], todo[lab][len(idx):]
+            for k, v in (("tail", tail), ("tip", tip), ("center", center), ("radius", radius[:, None]),
+                         ("arrow_color", acol), ("circle_color", ccol)):
+                out[k][dst] = v[idx]
+    out["radius"] = out["radius"][:, 0]
+    out["label"] = labels
+    return out
+
+
+def _segments_batch(tail: np.ndarray, tip: np.ndarray):
+    """Shaft and two barbs for ``n`` arrows: three ``(a [n, 2], b [n, 2])`` pairs (as :func:`_segments`)."""
+    back = -(tip - tail) * _HEAD
+    segs = [(tail, tip)]
+    for sign in (1, -1):
+        c, s = np.cos(sign * _BARB_ANGLE), np.sin(sign * _BARB_ANGLE)
+        segs.append((tip, tip + np.stack([c * back[:, 0] - s * back[:, 1], s * back[:, 0] + c * back[:, 1]], 1)))
+    return segs
+
+
+def _point_segment_distance(p, a, b):
+    """Row-wise distance of points ``p [n, 2]`` to segments ``a - b`` (``[n, 2]`` each) -> ``[n]``."""
+    ab = b - a
+    t = np.clip(((p - a) * ab).sum(1) / (ab * ab).sum(1), 0.0, 1.0)
+    return np.linalg.norm(p - (a + t[:, None] * ab), axis=1)
+
+
+def _segment_distance_batch(px, py, a, b):
+    """``px, py [R, R]``, ``a, b [n, 2]`` -> distances ``[n, R, R]``."""
+    ab = b - a
+    ax, ay, bx, by = (t[:, None, None] for t in (a[:, 0], a[:, 1], ab[:, 0], ab[:, 1]))
+    t = np.clip(((px - ax) * bx + (py - ay) * by) / (bx * bx + by * by), 0.0, 1.0)
+    return np.hypot(px - (ax + t * bx), py - (ay + t * by))
+
+
+def render_batch(scenes: dict, resolution: int, chunk: int = 256) -> np.ndarray:
+    """Vectorised :func:`render` of :func:`sample_scenes` output: ``float32 [n, 3, R, R]``."""
+    if resolution < 8:
+        raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+    n = scenes["radius"].shape[0]
+    coords = (np.arange(resolution) + 0.5) / resolution
+    px, py = np.meshgrid(coords, coords)
+    images = np.empty((n, 3, resolution, resolution), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        sl = slice(lo, lo + chunk)
+        tail, tip, center, radius = scenes["tail"][sl], scenes["tip"][sl], scenes["center"][sl], scenes["radius"][sl]
+        dist = np.min([_segment_distance_batch(px, py, a, b) for a, b in _segments_batch(tail, tip)], axis=0)
+        arrow = np.clip((_THICKNESS / 2 - dist) * resolution + 0.5, 0.0, 1.0)
+        circle = np.clip((radius[:, None, None] - np.hypot(px - center[:, 0, None, None], py - center[:, 1, None, None]))
+                         * resolution + 0.5, 0, 1)
+        img = arrow[:, None] * scenes["arrow_color"][sl][:, :, None, None] \
+            + circle[:, None] * scenes["circle_color"][sl][:, :, None, None]
+        images[sl] = np.clip(img, 0.0, 1.0)
+    return images
+
+
+def make_arrow_dataset_fast(num_samples: int, resolution: int, seed: int = 0):
+    """Vectorised :func:`make_arrow_dataset` (~100x faster; different scenes for a seed, same distribution):
+    ``(images [n, 3, R, R] float32, labels [n] long)``; the same seed gives the same scenes at any resolution.
+
+    >>> x, y = make_arrow_dataset_fast(6, 32, seed=0)
+    >>> x.shape, y.tolist()
+    (torch.Size([6, 3, 32, 32]), [0, 1, 0, 1, 0, 1])
+    """
+    scenes = sample_scenes(num_samples, seed)
+    return torch.from_numpy(render_batch(scenes, resolution)), torch.from_numpy(scenes["label"]).long()

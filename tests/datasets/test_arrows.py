@@ -58,3 +58,27 @@ def test_same_scene_at_any_resolution():
     assert (down - lo).abs().mean() < 0.02
     with pytest.raises(ValueError):
         render(ArrowPointing(2, 32).scene(0), 4)
+
+
+def test_fast_generator_matches_reference_renderer_and_geometry():
+    from plstm_graph.datasets.arrows import make_arrow_dataset_fast, render_batch, sample_scenes
+
+    sc = sample_scenes(41, seed=5)  # odd size: labels 0, 1, ..., 0
+    assert sc["label"].tolist() == [i % 2 for i in range(41)]
+    batch = render_batch(sc, 24, chunk=7)  # chunk not dividing n
+    for i in range(41):
+        s = ArrowScene(tuple(sc["tail"][i]), tuple(sc["tip"][i]), tuple(sc["center"][i]), float(sc["radius"][i]),
+                       tuple(sc["arrow_color"][i]), tuple(sc["circle_color"][i]))
+        assert s.label == sc["label"][i]  # the label agrees with the reference geometry
+        along = np.dot(np.array(s.center) - s.tip, (np.array(s.tip) - s.tail) / np.linalg.norm(np.subtract(s.tip, s.tail)))
+        assert np.allclose(render(s, 24), batch[i], atol=1e-6)
+        assert 0.06 <= s.radius <= 0.12 and 0.2 - 1e-9 <= np.linalg.norm(np.subtract(s.tip, s.tail)) <= 0.35 + 1e-9
+        assert (along > 0) if s.label else True
+    x, y = make_arrow_dataset_fast(8, 32, seed=5)
+    x2, y2 = make_arrow_dataset_fast(8, 32, seed=5)
+    hi, _ = make_arrow_dataset_fast(8, 64, seed=5)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert (F.avg_pool2d(hi, 2) - x).abs().mean() < 0.02  # same scenes at any resolution
+    assert not torch.equal(x, make_arrow_dataset_fast(8, 32, seed=6)[0])
+    with pytest.raises(ValueError):
+        sample_scenes(0)
