@@ -13,19 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.norm import RMSNorm
 from ..nn.sequence import MultiScaleRetention
 
 __all__ = ["RetNetLM", "RetNetState"]
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class _SwiGLU(nn.Module):
@@ -42,11 +33,11 @@ class _SwiGLU(nn.Module):
 class _Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, value_dim: int, ffn_dim: int, mode: str, chunk_size: int, backend: str):
         super().__init__()
-        self.norm1 = _RMSNorm(dim)
+        self.norm1 = RMSNorm(dim)
         self.retention = MultiScaleRetention(
             dim=dim, num_heads=num_heads, value_dim=value_dim, mode=mode, chunk_size=chunk_size, backend=backend
         )
-        self.norm2 = _RMSNorm(dim)
+        self.norm2 = RMSNorm(dim)
         self.ffn = _SwiGLU(dim, ffn_dim)
 
 
@@ -101,7 +92,7 @@ class RetNetLM(nn.Module):
         self.blocks = nn.ModuleList(
             _Block(dim, num_heads, value_dim, ffn_dim, mode, chunk_size, backend) for _ in range(num_layers)
         )
-        self.norm = _RMSNorm(dim)
+        self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=dim ** -0.5)
         if tie_embeddings:

@@ -13,18 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.grid import PLSTM2DLayer
+from ..nn.norm import RMSNorm
 
 __all__ = ["PLSTMVisionModel", "ViT"]
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class _MLP(nn.Sequential):
@@ -63,8 +54,8 @@ class _Block(nn.Module):
 
     def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float) -> None:
         super().__init__()
-        self.norm1, self.mixer = _RMSNorm(dim), mixer
-        self.norm2, self.mlp = _RMSNorm(dim), _MLP(dim, mlp_ratio)
+        self.norm1, self.mixer = RMSNorm(dim), mixer
+        self.norm2, self.mlp = RMSNorm(dim), _MLP(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))
@@ -110,7 +101,7 @@ class PLSTMVisionModel(nn.Module):
             _Block(dim, PLSTM2DLayer(dim, num_heads, mode="P" if i % 2 == 0 else "D", tile=tile), mlp_ratio)
             for i in range(2 * num_blocks)
         )
-        self.norm = _RMSNorm(dim * 4 if pool == "corners" else dim)
+        self.norm = RMSNorm(dim * 4 if pool == "corners" else dim)
         self.head = nn.Linear(dim * 4 if pool == "corners" else dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,7 +148,7 @@ class ViT(nn.Module):
         self.pool = pool
         self.embed = _PatchGrid(image_size, patch_size, in_channels, dim, True)
         self.blocks = nn.ModuleList(_Block(dim, _Attention(dim, num_heads), mlp_ratio) for _ in range(depth))
-        self.norm = _RMSNorm(dim * 4 if pool == "corners" else dim)
+        self.norm = RMSNorm(dim * 4 if pool == "corners" else dim)
         self.head = nn.Linear(dim * 4 if pool == "corners" else dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

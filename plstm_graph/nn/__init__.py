@@ -6,12 +6,12 @@ Graph: :class:`PLSTMGraphLayer` (P/D modes), blocks and stacks, readouts. Sequen
 from .blocks import PLSTMGraphBlock, PLSTMGraphStack, default_pattern
 from .graph import GraphGates, PLSTMGraphLayer, p_normalize
 from .grid import PLSTM2DLayer
-from .norm import MultiHeadRMSNorm
+from .norm import MultiHeadRMSNorm, RMSNorm
 from .readout import AttentionReadout, MeanReadout, SumReadout, make_readout
 from .sequence import MultiScaleRetention, PLSTM1DLayer
 
 __all__ = [
-    "PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "p_normalize",
+    "PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "RMSNorm", "p_normalize",
     "PLSTMGraphBlock", "PLSTMGraphStack", "default_pattern",
     "SumReadout", "MeanReadout", "AttentionReadout", "make_readout",
     "MultiScaleRetention", "PLSTM1DLayer", "PLSTM2DLayer",

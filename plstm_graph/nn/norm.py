@@ -1,10 +1,10 @@
-"""Per-head output normalisation shared by the pLSTM layers (graph, grid)."""
+"""Normalisations shared by the layers and models: per-head output RMSNorm, plain RMSNorm."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["MultiHeadRMSNorm"]
+__all__ = ["MultiHeadRMSNorm", "RMSNorm"]
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -31,3 +31,23 @@ class MultiHeadRMSNorm(nn.Module):
         y32 = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
         y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y32 * self.weight.to(y32.dtype)).to(y.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale (``torch.nn.RMSNorm`` exists only from torch 2.4).
+
+    Shapes: ``[..., dim] -> [..., dim]``.
+
+    Example:
+        >>> import torch
+        >>> RMSNorm(8)(torch.randn(2, 8)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
