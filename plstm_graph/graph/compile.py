@@ -40,7 +40,7 @@ def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _csr(keys: np.ndarray, num: int):
     """Stable grouping of positions by key: (order, ptr) with group g at order[ptr[g]:ptr[g+1]]."""
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys.astype(np.int32) if num < 1 << 31 else keys, kind="stable")
     ptr = np.zeros(num + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=num), out=ptr[1:])
     return order, ptr
@@ -210,14 +210,15 @@ def _bfs_rank(ei: np.ndarray, num_nodes: int, roots) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- levels and cycles
-def _levels_or_cycle(ei: np.ndarray, num_nodes: int) -> np.ndarray:
+def _levels_or_cycle(ei: np.ndarray, num_nodes: int, out_csr=None) -> np.ndarray:
     """Longest-path depth of every node (Kahn's algorithm, one numpy step per level).
 
+    ``out_csr``: the edges grouped by tail (``_csr(tails)``), when the caller already has it.
     Raises ValueError naming a directed cycle when the graph has one.
     """
     tails, heads = ei
     indeg = np.bincount(heads, minlength=num_nodes).astype(np.int64)
-    out_order, out_ptr = _csr(tails, num_nodes)
+    out_order, out_ptr = out_csr if out_csr is not None else _csr(tails, num_nodes)
     heads_by_tail = heads[out_order]
     level = np.full(num_nodes, -1, dtype=np.int64)
     frontier = np.flatnonzero(indeg == 0)
@@ -266,11 +267,12 @@ def _describe_cycle(ei: np.ndarray, remaining: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- line graph
-def _line_graph(ei: np.ndarray, num_nodes: int, keep_in: Optional[np.ndarray] = None) -> np.ndarray:
-    """All pairs (a, b) with head(a) == tail(b), restricted to incoming edges with keep_in[a]."""
+def _line_graph(ei: np.ndarray, num_nodes: int, out_csr, keep_in: Optional[np.ndarray] = None) -> np.ndarray:
+    """All pairs (a, b) with head(a) == tail(b), restricted to incoming edges with keep_in[a].
+    ``out_csr``: the edges grouped by tail, ``_csr(tails, num_nodes)``."""
     tails, heads = ei
     num_edges = tails.shape[0]
-    out_order, out_ptr = _csr(tails, num_nodes)
+    out_order, out_ptr = out_csr
     a_ids = np.arange(num_edges, dtype=np.int64)
     if keep_in is not None:
         a_ids = a_ids[keep_in]
@@ -434,8 +436,9 @@ def compile_dag(
             "got an undirected networkx graph; choose how to orient it with "
             "compile_dag(G, orientation='index' | 'bfs' | <node ranking>)"
         )
+    out_csr = _csr(ei[0], num_nodes)  # shared by the level sweep and the line graph
     try:
-        level = _levels_or_cycle(ei, num_nodes)
+        level = _levels_or_cycle(ei, num_nodes, out_csr)
     except ValueError:
         recip = _reciprocal_pairs(ei, num_nodes)  # only looked for on failure: it costs a hash of all edges
         if recip.size and orientation is None:
@@ -454,10 +457,10 @@ def compile_dag(
     else:
         comp, ncomp = _components(ei, num_nodes)
     if mode == "P":
-        line = _line_graph(ei, num_nodes)
+        line = _line_graph(ei, num_nodes, out_csr)
     else:
         keep = _multitree_keep(ei, num_nodes, level, comp)
-        line = _line_graph(ei, num_nodes, keep_in=keep)
+        line = _line_graph(ei, num_nodes, out_csr, keep_in=keep)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     sched = DAGSchedule(
         edge_index=torch.from_numpy(np.ascontiguousarray(ei)).to(dev),

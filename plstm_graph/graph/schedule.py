@@ -34,6 +34,8 @@ __all__ = ["DAGSchedule"]
 
 def _group_by_level(keys: np.ndarray, num_bins: int):
     """Stable order of positions grouped by (small, non-negative) integer key, and the group pointers."""
+    if num_bins <= 1 << 16:  # numpy's stable sort is a linear-time radix sort for 16-bit keys
+        keys = keys.astype(np.uint16 if num_bins > 1 << 8 else np.uint8)
     order = np.argsort(keys, kind="stable")
     ptr = np.zeros(num_bins + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=num_bins), out=ptr[1:])
