@@ -7,7 +7,7 @@ Paper anchor (trained at 192 px, tested at 384 px, 50 epochs of 100k images): pL
     python benchmarks/arrows.py --preset cpu          # 2 CPU cores, ~10 minutes
     python benchmarks/arrows.py --preset gpu          # one H200, <= 4 minutes wall including data generation
 
-Choices (see docs/grid.md, "Arrow-pointing extrapolation"):
+Choices (see the README, "Arrow-pointing extrapolation"):
 
 * Data: one fixed training set drawn with the vectorised generator (``make_arrow_dataset_fast``) and reused
   across epochs (shuffled per epoch), so generation is seconds, not minutes. Diagnosis: with 4k training
