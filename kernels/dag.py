@@ -49,23 +49,18 @@ Memory (states are ``H*K*V*4`` bytes per edge; 16 KB for H=4, K=V=32, i.e. 16 GB
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
 import torch
 
+from ._common import next_pow2 as _pow2
+from ._common import triton_installed as _triton_installed
+
 # triton is imported on first use, never at import: the package works without it, and a test that sets
 # TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
 triton = None
 tl = None
-
-
-def _triton_installed() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked)
-        return False
 
 
 _HAVE_TRITON = _triton_installed()
@@ -79,10 +74,6 @@ def _import_triton():
 
         triton, tl = _triton, _tl
     return triton
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 __all__ = ["available", "plstm_dag_triton", "MAX_HEAD_DIM"]

@@ -22,23 +22,18 @@ per sequence, plus a scratch of ``chunk_size * K * BV * 4`` bytes per program in
 from __future__ import annotations
 
 import math
-import importlib.util
 import os
 from typing import Optional, Tuple
 
 import torch
 
+from ._common import next_pow2 as _pow2
+from ._common import triton_installed as _triton_installed
+
 # triton is imported on first use, never at import: the package works without it, and a test that sets
 # TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
 triton = None
 tl = None
-
-
-def _triton_installed() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked)
-        return False
 
 
 _HAVE_TRITON = _triton_installed()
@@ -52,10 +47,6 @@ def _import_triton():
 
         triton, tl = _triton, _tl
     return triton
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 __all__ = ["available", "plstm_sequence_triton", "plstm_sequence_step_triton"]

@@ -35,6 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._common import next_pow2 as _pow2
+
 triton = None
 tl = None
 
@@ -72,10 +74,6 @@ def _jit(fn):
             kern = triton.autotune(configs=cfgs, key=["K", "V", "BT", "BK", "BV"])(kern)
         _JITTED[key] = kern
     return kern
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 MAX_HEAD_DIM = 256
