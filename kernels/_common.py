@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
-__all__ = ["triton_installed", "next_pow2"]
+__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit"]
 
 
 def triton_installed() -> bool:
@@ -17,3 +18,30 @@ def triton_installed() -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block shapes must be powers of two."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+HAVE_TRITON = triton_installed()
+
+
+def available() -> bool:
+    """True when triton imports and there is a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
+    import torch
+
+    if not HAVE_TRITON:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_JITTED = {}
+
+
+def lazy_jit(fn, triton_module, **kw):
+    """``triton.jit(fn)`` on first use, cached per function and interpreter mode: kernels are decorated lazily,
+    so whether they run under the CPU interpreter follows ``TRITON_INTERPRET`` at the first *call*, not at
+    import (another module may import a kernel module before a test sets the variable). The caller passes the
+    triton module after binding its own module-level ``tl``, which the kernel bodies resolve at compile time."""
+    key = (fn.__module__, fn.__qualname__, os.environ.get("TRITON_INTERPRET") == "1")
+    kern = _JITTED.get(key)
+    if kern is None:
+        kern = _JITTED[key] = triton_module.jit(**kw)(fn)
+    return kern

@@ -55,15 +55,14 @@ from typing import Optional
 import torch
 
 from ._common import next_pow2 as _pow2
-from ._common import triton_installed as _triton_installed
+from ._common import HAVE_TRITON as _HAVE_TRITON
+from ._common import available
+from ._common import lazy_jit as _lazy_jit
 
 # triton is imported on first use, never at import: the package works without it, and a test that sets
 # TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
 triton = None
 tl = None
-
-
-_HAVE_TRITON = _triton_installed()
 
 
 def _import_triton():
@@ -82,25 +81,11 @@ MAX_HEAD_DIM = 128
 DEFAULT_CHUNK_BYTES = 1 << 29  # 512 MiB of states per chunk of graphs (recompute=True)
 
 
-def available() -> bool:
-    """True when triton imports and there is a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
-    if not _HAVE_TRITON:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_JITTED = {}
 
 
 def _jit(fn, **kw):
-    """``triton.jit(fn)`` on first use, cached per interpreter mode: kernels are decorated lazily, so whether
-    they run under the CPU interpreter follows ``TRITON_INTERPRET`` at the first *call*, not at import
-    (another module may import this one before a test sets the variable)."""
-    key = (fn.__name__, os.environ.get("TRITON_INTERPRET") == "1")
-    kern = _JITTED.get(key)
-    if kern is None:
-        kern = _JITTED[key] = _import_triton().jit(**kw)(fn)
-    return kern
+    """``triton.jit(fn)`` on first use (see :func:`._common.lazy_jit`)."""
+    return _lazy_jit(fn, _import_triton(), **kw)
 
 
 # launch offsets change with every level / chunk: never specialise on their values (no recompiles)

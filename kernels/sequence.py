@@ -28,15 +28,14 @@ from typing import Optional, Tuple
 import torch
 
 from ._common import next_pow2 as _pow2
-from ._common import triton_installed as _triton_installed
+from ._common import HAVE_TRITON as _HAVE_TRITON
+from ._common import available
+from ._common import lazy_jit as _lazy_jit
 
 # triton is imported on first use, never at import: the package works without it, and a test that sets
 # TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
 triton = None
 tl = None
-
-
-_HAVE_TRITON = _triton_installed()
 
 
 def _import_triton():
@@ -54,25 +53,11 @@ __all__ = ["available", "plstm_sequence_triton", "plstm_sequence_step_triton"]
 MAX_HEAD_DIM = 256
 
 
-def available() -> bool:
-    """True when triton imports and there is a CUDA device or ``TRITON_INTERPRET=1``."""
-    if not _HAVE_TRITON:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_JITTED = {}
 
 
 def _jit(fn, **kw):
-    """``triton.jit(fn)`` on first use, cached per interpreter mode: kernels are decorated lazily, so whether
-    they run under the CPU interpreter follows ``TRITON_INTERPRET`` at the first *call*, not at import
-    (another module may import this one before a test sets the variable)."""
-    key = (fn.__name__, os.environ.get("TRITON_INTERPRET") == "1")
-    kern = _JITTED.get(key)
-    if kern is None:
-        kern = _JITTED[key] = _import_triton().jit(**kw)(fn)
-    return kern
+    """``triton.jit(fn)`` on first use (see :func:`._common.lazy_jit`)."""
+    return _lazy_jit(fn, _import_triton(), **kw)
 
 
 def _seq_fwd(q, k, v, src, trn, mrk, dirc, y, h0, hT, ckpt, cu, ck_off, H, CS,
