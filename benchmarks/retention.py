@@ -215,6 +215,32 @@ def main() -> None:
             graph.replay()
             torch.cuda.synchronize()
             print(f"\nCUDA-graph step agrees with eager: max |dS| = {(static_state - s_eager).abs().max().item():.1e}")
+            try:
+                from plstm_graph.kernels import sequence as kseq
+
+                triton_ok = kseq.available()
+            except ImportError:
+                triton_ok = False
+            if triton_ok:  # the fused Triton step: one launch, state updated in place
+                tstate = state.clone()
+
+                def tstep():
+                    return kseq.plstm_sequence_step_triton(q, k, v, one, gamma, mark, direct, tstate,
+                                                           out_state=tstate)
+
+                results["ours Triton step (eager)"] = bench(tstep, device, args.warmup, args.rep) * 1e3
+                for _ in range(3):
+                    tstep()
+                tgraph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(tgraph):
+                    tstep()
+                results["ours Triton step (CUDA graph)"] = bench(tgraph.replay, device, args.warmup,
+                                                                 args.rep) * 1e3
+                tstate.copy_(state)
+                y_t, _ = tstep()
+                y_e, s_e = step()
+                print(f"Triton step agrees with eager: max |dy| = {(y_t.float() - y_e.float()).abs().max().item():.1e}"
+                      f", max |dS| = {(tstate - s_e).abs().max().item():.1e}")
         if recurrent_fla is not None:
             q1, k1, v1 = q[:, None], k[:, None], v[:, None]
             results["fla fused_recurrent_retention"] = bench(
