@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(retention)")
     p.add_argument("--decode-heads", type=int, default=None, help="H of the decoding step (default: first shape's)")
+    p.add_argument("--decode-only", action="store_true", help="skip the chunkwise table, time the decoding step")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -120,7 +121,7 @@ def main() -> None:
     print(f"device: {dev_name}   dtype: {dtype}   chunk_size: {args.chunk_size}   torch {torch.__version__}")
 
     rows = []
-    for shape in shapes:
+    for shape in ([] if args.decode_only else shapes):
         q, k, v, do = make(shape, device, dtype, requires_grad=True)
         row = {"shape": shape}
         for name, op in variants:
@@ -156,12 +157,15 @@ def main() -> None:
         return fmt.format(x) if x is not None else "-"
 
     names = [n for n, _ in variants]
+    if args.decode_only:
+        rows = []
     head = f"{'(B, T, H, K, V)':<26}"
     for n in names:
         head += f" {n + ' fwd':>14} {n + ' f+b':>14}"
     head += f" {'fla fwd':>9} {'fla f+b':>9} {'f+b ratio':>10} {'anchor':>7} {'peak GiB':>9} {'|o-o_fla|':>10} {'|dS|/|S|':>9}"
-    print("\nchunkwise retention, milliseconds (f+b = forward + backward; ratio = ours / fla)")
-    print(head)
+    if rows:
+        print("\nchunkwise retention, milliseconds (f+b = forward + backward; ratio = ours / fla)")
+        print(head)
     for r in rows:
         line = f"{str(r['shape']):<26}"
         for n in names:

@@ -10,8 +10,12 @@ Within a chunk of length ``BT`` entered with state ``C^-`` and ``b_t = sum_{i <=
 Write ``S = (Q K^T) o M`` with ``M_tj = m_t e^{b_{t-1}-b_j} s_j`` (j < t), ``M_tt = d_t``, ``a_t = m_t e^{b_{t-1}}``,
 ``w_j = s_j e^{b_last - b_j}``; then ``Y = S V + diag(a) Q C^-``. Four kernels:
 
-1. ``_fwd_h``  (program per (V-block, b*h)): walks the chunks, stores each chunk's entering state ``C^-``
-   (float32, ``[B, NT, H, K, V]``) and the final state; ``C <- e^{b_last} C + (K o w)^T V`` with ``tl.dot``.
+1. ``_fwd_h``  (program per (K-block x V-block, b*h, segment)): walks the chunks, stores each chunk's entering
+   state ``C^-`` (float32, ``[B, NT, H, K, V]``) and the final state; ``C <- e^{b_last} C + (K o w)^T V`` with
+   ``tl.dot``. On long, narrow inputs (T = 32k, B = 1: 32 programs walking 512 chunks) the chunks are cut into
+   ``S`` segments of ``L`` chunks walked in parallel from zero states (:func:`segment_chunks`); ``_carry``
+   then walks the ``S`` segment states, and the consumers (2, 4) add the carried state decayed to the chunk,
+   ``C^- = C_local^- + e^{coff} carry[segment]``. Pass 3 is cut the same way.
 2. ``_fwd_o``  (program per (V-block, chunk, b*h)): ``Y = S V + diag(a) Q C^-``, all chunks in parallel.
 3. ``_bwd_dh`` (program per (V-block, b*h)): the adjoint state pass, chunks backwards:
    ``G^- = e^{b_last} G + (Q o a)^T dY`` from ``G = d final_state``; stores each chunk's leaving adjoint and
@@ -68,10 +72,11 @@ def _jit(fn):
     key = (fn.__name__, mode)
     kern = _JITTED.get(key)
     if kern is None:
-        kern = jit(do_not_specialize=["T", "NT"])(fn)
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        kern = jit(do_not_specialize=[n for n in ("T", "NT", "L", "S") if n in names])(fn)
         if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
             cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-            kern = triton.autotune(configs=cfgs, key=["K", "V", "BT", "BK", "BV"])(kern)
+            kern = triton.autotune(configs=cfgs, key=[n for n in ("K", "V", "BT", "BK", "BV") if n in names])(kern)
         _JITTED[key] = kern
     return kern
 
@@ -99,24 +104,30 @@ def _gate_chunk_py(ptr, row0, t0, T, H, BT: tl.constexpr, other):
     return tl.load(ptr + row0 + offt.to(tl.int64) * H, mask=offt < T, other=other).to(tl.float32)
 
 
-def _fwd_h(k, v, src, lg, h0, hs, hT, T, H, NT,
+def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HAS_H0: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program per (K-block x V-block, b*h, segment of ``L`` chunks): the state pass over one segment, started
+    from zero (from ``h0`` in segment 0); stores each chunk's entering *local* state and the segment's
+    leaving local state ``hseg [B, S, H, K, V]``. ``_carry`` adds what earlier segments pass in."""
     kb = tl.program_id(0) // tl.cdiv(V, BV)
     vb = tl.program_id(0) % tl.cdiv(V, BV)
     bh = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    nseg = tl.num_programs(2)
     b = bh // H
     h = bh % H
     row0 = b * T * H + h  # [B, T, H] gate offset of (b, 0, h)
     kbase = k + row0 * K
     vbase = v + row0 * V
+    c = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        c = tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    else:
-        c = tl.zeros([BK, BV], dtype=tl.float32)
-    ci = 0
-    while ci < NT:
+        if seg == 0:
+            p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+            c += tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    ci = seg * L
+    cend = tl.minimum(ci + L, NT)
+    while ci < cend:
         t0 = ci * BT
         ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, c, boundary_check=(0, 1))
@@ -131,8 +142,33 @@ def _fwd_h(k, v, src, lg, h0, hs, hT, T, H, NT,
         vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
         c = c * tl.exp(blast) + _dot((kt * w[None, :]).to(vv.dtype), vv, PREC, UPCAST)
         ci += 1
-    pT = tl.make_block_ptr(hT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+    pT = tl.make_block_ptr(hseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(pT, c, boundary_check=(0, 1))
+
+
+def _carry(xseg, seglg, carry, final, H, S, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+           BV: tl.constexpr, REVERSE: tl.constexpr):
+    """Program per (K-block x V-block, b*h): the short pass over segments. Forward: ``carry[s]`` = the state
+    entering segment ``s`` from earlier segments, ``c <- e^{seglg[s]} c + xseg[s]``; ``final`` = the state
+    leaving the last one. REVERSE: the same from the last segment down (adjoints; ``final`` = d initial)."""
+    kb = tl.program_id(0) // tl.cdiv(V, BV)
+    vb = tl.program_id(0) % tl.cdiv(V, BV)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    c = tl.zeros([BK, BV], dtype=tl.float32)
+    i = 0
+    while i < S:
+        s = S - 1 - i if REVERSE else i
+        off = ((b * S + s) * H + h) * K * V
+        pc = tl.make_block_ptr(carry + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        tl.store(pc, c, boundary_check=(0, 1))
+        px = tl.make_block_ptr(xseg + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        decay = tl.exp(tl.load(seglg + (b * S + s) * H + h))
+        c = c * decay + tl.load(px, boundary_check=(0, 1), padding_option="zero")
+        i += 1
+    pf = tl.make_block_ptr(final + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+    tl.store(pf, c, boundary_check=(0, 1))
 
 
 def _mask_matrix_py(lg, src, mrk, dirc, row0, t0, T, H, BT: tl.constexpr):
@@ -153,9 +189,9 @@ def _mask_matrix_py(lg, src, mrk, dirc, row0, t0, T, H, BT: tl.constexpr):
     return mm, m * tl.exp(bp), s * tl.exp(blast - bc)
 
 
-def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
+def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           PREC: tl.constexpr, UPCAST: tl.constexpr):
+           SEG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     vb = tl.program_id(0)
     ci = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -172,6 +208,11 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
     kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
     vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
     c = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
+    if SEG:  # entering state = local state + what earlier segments pass in, decayed to this chunk
+        seg = ci // L
+        pc = tl.make_block_ptr(carry + ((b * tl.cdiv(NT, L) + seg) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV),
+                               (BK, BV), (1, 0))
+        c += tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pc, boundary_check=(0, 1), padding_option="zero")
     sc = _dot(qq, tl.trans(kk), PREC, UPCAST) * mm
     out = _dot(sc.to(vv.dtype), vv, PREC, UPCAST)
     out += a[:, None] * _dot(qq, c.to(qq.dtype), PREC, UPCAST)
@@ -179,22 +220,27 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, y, T, H, NT,
     tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
 
 
-def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
+def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             HAS_DHT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The adjoint state pass over one segment (chunks backwards), started from zero (from ``dhT`` in the
+    last segment); stores each chunk's leaving *local* adjoint and the local adjoint entering the segment."""
     kb = tl.program_id(0) // tl.cdiv(V, BV)
     vb = tl.program_id(0) % tl.cdiv(V, BV)
     bh = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    nseg = tl.num_programs(2)
     b = bh // H
     h = bh % H
     row0 = b * T * H + h
+    gs = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        gs = tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    else:
-        gs = tl.zeros([BK, BV], dtype=tl.float32)
-    ci = NT - 1
-    while ci >= 0:
+        if seg == nseg - 1:
+            pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+            gs += tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    cstart = seg * L
+    ci = tl.minimum(cstart + L, NT) - 1
+    while ci >= cstart:
         t0 = ci * BT
         ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, gs, boundary_check=(0, 1))
@@ -209,13 +255,14 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, dh0, T, H, NT,
         dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
         gs = gs * tl.exp(blast) + _dot((qt * a[None, :]).to(dd.dtype), dd, PREC, UPCAST)
         ci -= 1
-    p0 = tl.make_block_ptr(dh0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+    p0 = tl.make_block_ptr(gseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(p0, gs, boundary_check=(0, 1))
 
 
-def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, dsrc, dlg, dmrk, ddir, T, H, NT,
+def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk, dv, dsrc, dlg, dmrk,
+              ddir, T, H, NT, L,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, GATE_GRAD: tl.constexpr):
+              SEG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GATE_GRAD: tl.constexpr):
     ci = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -246,6 +293,14 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, dsrc, dlg, d
         dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
         ct = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
         gg = tl.load(pg, boundary_check=(0, 1), padding_option="zero")
+        if SEG:  # local states + the segment carries, decayed to this chunk (see _fwd_o)
+            soff = ((b * tl.cdiv(NT, L) + ci // L) * H + h) * K * V
+            pct = tl.make_block_ptr(carry + soff, (V, K), (1, V), (vb * BV, 0), (BV, BK), (0, 1))
+            pgc = tl.make_block_ptr(gcarry + soff, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
+            ct += tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pct, boundary_check=(0, 1),
+                                                                          padding_option="zero")
+            gg += tl.exp(tl.load(goff + (b * NT + ci) * H + h)) * tl.load(pgc, boundary_check=(0, 1),
+                                                                          padding_option="zero")
         gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
         kgv = _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
         gv += w[:, None] * kgv
@@ -313,9 +368,39 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+SEGMENT_TARGET_PROGRAMS = 512  # state passes with fewer programs than this are split into segments
+
+
+def segment_chunks(nt: int, programs: int, segment: Optional[int] = None) -> int:
+    """Chunks per segment ``L`` of the state passes. A pass walks ``nt`` chunks one after another in each of
+    ``programs`` programs; long, narrow inputs (T = 32k, B = 1) leave most of the GPU idle, so the chunks are
+    cut into segments walked in parallel (from zero states) and a short pass over segments (:func:`_carry`)
+    adds what each segment receives; the consumers add it back, decayed, when they read a chunk's state.
+    ``segment`` forces ``L`` (tests); default: enough segments for ~512 programs, at least 8 chunks each."""
+    if segment is not None:
+        return max(1, min(int(segment), nt))
+    nseg = min(max(1, nt // 8), -(-SEGMENT_TARGET_PROGRAMS // programs))
+    return -(-nt // max(1, nseg))
+
+
+def _segment_offsets(lg, bt, nt, L):
+    """Per-chunk log decays for the segment fix-ups, from ``lg [B, T, H]`` (log transitions, float32):
+    ``seglg [B, S, H]`` (whole segments), ``coff [B, NT, H]`` (segment start -> chunk start) and
+    ``goff [B, NT, H]`` (chunk end -> segment end)."""
+    B, T, H = lg.shape
+    S = -(-nt // L)
+    chunk = torch.nn.functional.pad(lg, (0, 0, 0, nt * bt - T)).reshape(B, nt, bt, H).sum(2)
+    chunk = torch.nn.functional.pad(chunk, (0, 0, 0, S * L - nt)).reshape(B, S, L, H)
+    incl = chunk.cumsum(2)
+    seglg = incl[:, :, -1]
+    coff = (incl - chunk).reshape(B, S * L, H)[:, :nt].contiguous()
+    goff = (seglg[:, :, None] - incl).reshape(B, S * L, H)[:, :nt].contiguous()
+    return seglg.contiguous(), coff, goff
+
+
 class _SeqChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, source, transition, mark, direct, initial_state, chunk_size):
+    def forward(ctx, q, k, v, source, transition, mark, direct, initial_state, chunk_size, segment):
         B, T, H, K = q.shape
         V = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -327,51 +412,71 @@ class _SeqChunk(torch.autograd.Function):
         bk, bv = _blocks(K, V)
         nvb = -(-V // bv)
         prec = _prec(q.dtype)
-        hs = torch.empty(B, nt, H, K, V, **f32)
-        hT = torch.empty(B, H, K, V, **f32)
-        y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
-        h0 = initial_state.contiguous() if initial_state is not None else hT
         bks = min(bk, 64)  # the state passes split K too: twice the programs on long, narrow batches
-        _jit(_fwd_h)[(-(-K // bks) * nvb, B * H)](k, v, src, lg, h0, hs, hT, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
-                                   HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
-        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, y, T, H, nt, K=K, V=V, BT=bt, BK=bk,
-                                       BV=bv, PREC=prec, UPCAST=_interpreting())
-        ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs)
+        npass = -(-K // bks) * nvb
+        L = segment_chunks(nt, npass * B * H, segment)
+        S = -(-nt // L)
+        hs = torch.empty(B, nt, H, K, V, **f32)
+        hseg = torch.empty(B, S, H, K, V, **f32)
+        y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+        h0 = initial_state.contiguous() if initial_state is not None else hseg
+        _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, nt, L, K=K, V=V, BT=bt, BK=bks, BV=bv,
+                                        HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
+        if S > 1:
+            seglg, coff, goff = _segment_offsets(lg, bt, nt, L)
+            carry = torch.empty(B, S, H, K, V, **f32)
+            hT = torch.empty(B, H, K, V, **f32)
+            _jit(_carry)[(npass, B * H)](hseg, seglg, carry, hT, H, S, K=K, V=V, BK=bks, BV=bv, REVERSE=False)
+        else:
+            seglg = coff = goff = carry = lg
+            hT = hseg[:, 0]
+        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, nt, L, K=K, V=V,
+                                       BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec, UPCAST=_interpreting())
+        ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff)
         ctx.gate_dtypes = [g.dtype for g in (source, transition, mark, direct)]
-        ctx.meta = (bt, initial_state is not None, None if initial_state is None else initial_state.dtype)
+        ctx.meta = (bt, L, initial_state is not None, None if initial_state is None else initial_state.dtype)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        q, k, v, src, lg, mrk, dirc, hs = ctx.saved_tensors
-        bt, has_h0, h0_dtype = ctx.meta
+        q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff = ctx.saved_tensors
+        bt, L, has_h0, h0_dtype = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
         nt = hs.shape[1]
+        S = -(-nt // L)
         bk, bv = _blocks(K, V)
         nvb = -(-V // bv)
         prec = _prec(q.dtype)
         f32 = dict(dtype=torch.float32, device=q.device)
         dy = (dy if dy is not None else torch.zeros_like(v)).to(v.dtype).contiguous()
         dhs = torch.empty(B, nt, H, K, V, **f32)
-        dh0 = torch.empty(B, H, K, V, **f32)
-        dhT_ = dhT.float().contiguous() if dhT is not None else dh0
+        gseg = torch.empty(B, S, H, K, V, **f32)
+        dhT_ = dhT.float().contiguous() if dhT is not None else gseg
         bks = min(bk, 64)
-        _jit(_bwd_dh)[(-(-K // bks) * nvb, B * H)](q, dy, lg, mrk, dhT_, dhs, dh0, T, H, nt, K=K, V=V, BT=bt, BK=bks, BV=bv,
-                                    HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
+        npass = -(-K // bks) * nvb
+        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, nt, L, K=K, V=V, BT=bt, BK=bks,
+                                         BV=bv, HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
+        if S > 1:
+            gcarry = torch.empty(B, S, H, K, V, **f32)
+            dh0 = torch.empty(B, H, K, V, **f32)
+            _jit(_carry)[(npass, B * H)](gseg, seglg, gcarry, dh0, H, S, K=K, V=V, BK=bks, BV=bv, REVERSE=True)
+        else:
+            gcarry = carry
+            dh0 = gseg[:, 0]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         gate_grad = any(ctx.needs_input_grad[3:7])
         gbuf = [torch.empty(B, T, H, **f32) for _ in range(4)] if gate_grad else [dq] * 4
-        _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, dy, dq, dk, dv, *gbuf, T, H, nt, K=K,
-                                     V=V, BT=bt, BK=bk, BV=bv, PREC=prec, UPCAST=_interpreting(),
-                                     GATE_GRAD=gate_grad)
+        _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk,
+                                     dv, *gbuf, T, H, nt, L, K=K, V=V, BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec,
+                                     UPCAST=_interpreting(), GATE_GRAD=gate_grad)
         gates = [None] * 4
         if gate_grad:
             d_src, d_lg, d_mrk, d_dir = gbuf
             gates = [d_src, d_lg / torch.exp(lg), d_mrk, d_dir]  # d tau = d log(tau) / tau
             gates = [gr.to(dt) if need else None
                      for gr, dt, need in zip(gates, ctx.gate_dtypes, ctx.needs_input_grad[3:7])]
-        return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None
+        return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None, None
 
 
 def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens) -> bool:
@@ -399,6 +504,7 @@ def plstm_sequence_chunk_triton(
     direct: torch.Tensor,
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    segment: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise Triton pLSTM sequence operator for positive transitions; differentiable in every input
     (q, k, v, the four gates, initial_state). Check :func:`chunk_supported` first.
@@ -414,4 +520,4 @@ def plstm_sequence_chunk_triton(
         >>> g = torch.rand(1, 20, 2) + 0.5
         >>> y, final = plstm_sequence_chunk_triton(x, x, x, g, g, g, g, chunk_size=16)  # doctest: +SKIP
     """
-    return _SeqChunk.apply(q, k, v, source, transition, mark, direct, initial_state, int(chunk_size))
+    return _SeqChunk.apply(q, k, v, source, transition, mark, direct, initial_state, int(chunk_size), segment)

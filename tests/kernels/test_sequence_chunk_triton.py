@@ -40,14 +40,15 @@ def _compare(outs, refs, tol, names):
         assert err <= tol * scale, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, seed=0, gate_grad=True):
+def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, seed=0, gate_grad=True,
+           segment=None, with_final_grad=True):
     (q, k, v), gates, h0 = _inputs(B, T, H, K, V, seed)
     gates = [g.to(DEVICE).requires_grad_(gate_grad) for g in gates]
     leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
     init = h0.to(DEVICE).requires_grad_() if with_h0 else None
     assert kchunk.chunk_supported(*leaves, *gates, init, None)
     y, fin = kchunk.plstm_sequence_chunk_triton(*leaves, *gates, initial_state=init,
-                                                chunk_size=chunk)
+                                                chunk_size=chunk, segment=segment)
     refs = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
     init_ref = h0.double().requires_grad_() if with_h0 else None
     gates_ref = [g.detach().cpu().double().requires_grad_() for g in gates]
@@ -55,7 +56,7 @@ def _check(B, T, H, K, V, chunk, dtype=torch.float32, tol=1e-5, with_h0=True, se
                                     output_final_state=True, mode="recurrent")
     gen = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
-    dfin = torch.randn(fin_ref.shape, generator=gen, dtype=torch.float64)
+    dfin = torch.randn(fin_ref.shape, generator=gen, dtype=torch.float64) * float(with_final_grad)
     ins = leaves + ([init] if with_h0 else []) + (gates if gate_grad else [])
     ins_ref = refs + ([init_ref] if with_h0 else []) + (gates_ref if gate_grad else [])
     g = torch.autograd.grad((y * dy.to(DEVICE, y.dtype)).sum() + (fin * dfin.to(DEVICE)).sum(), ins)
@@ -81,6 +82,26 @@ def test_head_dims_not_powers_of_two_and_several_v_blocks():
 def test_state_passes_split_k():
     # K = 80: the state passes run two 64-row K-blocks (the second masked), the output kernels one 128 tile
     _check(B=1, T=20, H=1, K=80, V=16, chunk=16, seed=9)
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3])
+def test_state_passes_cut_into_segments(segment):
+    # T = 130 at chunk 16: 9 chunks, cut into segments of 1, 2 or 3 chunks (the last one short); the carried
+    # states and adjoints must give the same outputs, final state and every gradient (gates included)
+    _check(B=2, T=130, H=2, K=16, V=32, chunk=16, seed=20 + segment, segment=segment)
+
+
+def test_segments_without_initial_state_or_final_grad():
+    _check(B=1, T=70, H=1, K=32, V=16, chunk=16, seed=30, segment=2, with_h0=False, with_final_grad=False)
+
+
+def test_segment_rule():
+    # few programs on many chunks: segments of >= 8 chunks until ~512 programs; wide batches: one segment
+    assert kchunk.segment_chunks(512, 32) == 32  # T = 32k at chunk 64, B = 1, H = 8, 2 x 2 tiles: 16 segments
+    assert kchunk.segment_chunks(32, 512) == 32
+    assert kchunk.segment_chunks(128, 256) == 64
+    assert kchunk.segment_chunks(7, 1) == 7
+    assert kchunk.segment_chunks(9, 1, segment=2) == 2 and kchunk.segment_chunks(9, 1, segment=50) == 9
 
 
 def test_no_initial_state_and_chunk_32():
