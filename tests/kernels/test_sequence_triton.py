@@ -119,3 +119,31 @@ def test_decoding_step_matches_the_recurrence(with_state):
     y, new = kseq.plstm_sequence_step_triton(*dev, state, out_state=state)  # in place when a state is given
     torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.cpu(), c_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plstm_sequence_step_backend_choice(monkeypatch):
+    from plstm_graph.ops.sequence import plstm_sequence_step
+
+    g = torch.Generator().manual_seed(6)
+    B, H, K, V = 2, 3, 8, 4
+    q, k = torch.randn(B, H, K, generator=g), torch.randn(B, H, K, generator=g)
+    v = torch.randn(B, H, V, generator=g).to(torch.bfloat16)
+    gates = [torch.rand(B, H, generator=g) for _ in range(4)]
+    state = torch.randn(B, H, K, V, generator=g)
+    dev = [x.to(DEVICE) for x in (q, k, v, *gates)]
+    y_t, s_t = plstm_sequence_step(*dev, state.to(DEVICE), backend="triton")
+    y_r, s_r = plstm_sequence_step(*dev, state.to(DEVICE), backend="torch")
+    assert y_t.dtype == y_r.dtype == torch.bfloat16 and s_t.dtype == s_r.dtype == torch.float32
+    torch.testing.assert_close(y_t.float(), y_r.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(s_t, s_r, rtol=1e-5, atol=1e-5)
+    # "auto": the fused step only on CUDA without autograd; CPU tensors and gradients keep the torch step
+    calls = []
+    real = kseq.plstm_sequence_step_triton
+    monkeypatch.setattr(kseq, "plstm_sequence_step_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    plstm_sequence_step(*dev, state.to(DEVICE))
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
+    qg = dev[0].clone().requires_grad_()
+    y, _ = plstm_sequence_step(qg, *dev[1:], state.to(DEVICE))
+    assert y.requires_grad and len(calls) == (1 if DEVICE == "cuda" else 0)
+    with pytest.raises(ValueError, match="backend"):
+        plstm_sequence_step(*dev, None, backend="fast")
