@@ -43,6 +43,8 @@ def _parse():
     p.add_argument("--random-depth", type=int, default=256, help="levels of the random DAGs (fewer = wider)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="runs/dag_triton", help="folder for the PNG and a CSV")
+    p.add_argument("--scaling-only", action="store_true",
+                   help="only the on-device check on the molecule batch and the scaling curve")
     return p.parse_args()
 
 
@@ -193,11 +195,17 @@ def main():
     ei, n = molecule_batch(G, 15, 40)
     s = compile_dag(ei, num_nodes=n).to(dev)
     check(s, H, D, dev, f"{G} molecules")
-    if not ARGS.small:
+    if not ARGS.small and not ARGS.scaling_only:
         ei_r, n_r = random_dag(20_000, depth=32)
         check(compile_dag(ei_r, num_nodes=n_r).to(dev), H, D, dev, "random DAG, 20k edges")
 
     # ---------------------------------------------------------------- 1. molecule batch throughput
+    if not ARGS.scaling_only:
+        throughput(s, ei, n, H, D, G, dtype, dev, iters)
+    scaling_curve(scaling, H, D, dtype, dev, iters)
+
+
+def throughput(s, ei, n, H, D, G, dtype, dev, iters):
     print(f"\n## {G} molecule-like DAGs: {n} nodes, {s.num_edges} edges, {s.num_line_edges} line edges, "
           f"{s.num_levels} levels; forward+backward")
     print(f"{'backend':<22}{'ms / batch':>12}{'graphs/s':>14}{'peak MB':>10}")
@@ -225,6 +233,9 @@ def main():
     for name, t, gps, peak in rows:
         print(f"{name:<22}{t * 1e3:>12.3f}{gps:>14,.0f}{peak / 2**20:>10.1f}")
 
+
+
+def scaling_curve(scaling, H, D, dtype, dev, iters):
     # ---------------------------------------------------------------- 2. scaling curve
     print("\n## scaling: forward+backward vs edge count")
     print(f"{'graph':<11}{'edges':>9}{'levels':>8}  {'backend':<24}{'ms':>11}{'peak MB':>11}")
