@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["plstm_grid_tiled", "tile_matrices", "tile_matrices_doubling", "default_tile", "wavefront",
+__all__ = ["plstm_grid_tiled", "tile_matrices", "tile_matrices_doubling", "tile_blocks", "default_tile", "wavefront",
            "wavefront_reference"]
 
 
@@ -118,13 +118,76 @@ def _strip_merge(o: torch.Tensor, n: int, h: int, Px: int) -> torch.Tensor:
     return torch.cat([top_c[..., :n, :], bot_c[..., :n, :], top_c[..., n:, :], bot_c[..., n:, :]], dim=-2)
 
 
-def tile_matrices_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d):
-    """Same result as :func:`tile_matrices` (``Py`` must be a power of two), in ``log2(Py)`` batched steps:
-    every row of every tile is solved in closed form at once, then strips are merged pairwise
-    (:func:`_strip_merge`), each merge one batched matmul."""
+@functools.lru_cache(maxsize=64)
+def _merge_index(n: int, h: int, Px: int):
+    """Where a merge puts its pieces (see :func:`_strip_merge`), as index lists into the merged matrix:
+    ``rows_top`` (the top strip's marks and right-leaving rows), ``rows_bot`` (all rows of the bottom strip),
+    ``cols_top`` (all columns of the top strip, also those of ``x``), ``cols_bot`` (the bottom strip's nodes
+    and right-entering columns)."""
+    R2 = 2 * (n + h) + Px
+    rng = lambda a, b: list(range(a, b))  # noqa: E731
+    return (rng(0, n) + rng(2 * n, 2 * n + h), rng(n, 2 * n) + rng(2 * n + h, R2),
+            rng(0, n) + rng(2 * n, 2 * n + h) + rng(2 * n + 2 * h, R2), rng(n, 2 * n) + rng(2 * n + h, 2 * n + 2 * h))
+
+
+def _strip_merge_backward(g: torch.Tensor, o: torch.Tensor, n: int, h: int) -> torch.Tensor:
+    """Gradient of :func:`_strip_merge` w.r.t. its input ``o [W, c, R, C]`` from ``g [W, c/2, R', C']``:
+    a few gathers and two batched matmuls (autograd through the merge's slices and cats would instead add
+    one zero-filled input-sized gradient per slice)."""
+    W, c, R, C = o.shape
+    m = n + h
+    pair = o.reshape(W, c // 2, 2, R, C)
+    top, bot = pair[:, :, 0], pair[:, :, 1]
+    rows_top, rows_bot, cols_top, cols_bot = (torch.tensor(i, device=g.device) for i in _merge_index(n, h, C - m))
+    gb = g.index_select(-2, rows_bot)  # [W, c/2, R, R'] rows of the bottom strip
+    gx = gb.index_select(-1, cols_top)  # [W, c/2, R, C] gradient of x = bot[..., m:] @ top[..., m:, :]
+    g_bot = torch.cat([gb.index_select(-1, cols_bot), gx @ top[..., m:, :].transpose(-1, -2)], dim=-1)
+    g_top = torch.cat([g.index_select(-2, rows_top).index_select(-1, cols_top),
+                       bot[..., m:].transpose(-1, -2) @ gx], dim=-2)
+    return torch.stack([g_top, g_bot], dim=2).reshape(W, c, R, C)
+
+
+class _Doubling(torch.autograd.Function):
+    """The ``log2(Py)`` strip merges of :func:`tile_blocks_doubling` as one autograd node: forward by
+    :func:`_strip_merge` without a graph, backward by :func:`_strip_merge_backward`; returns the four
+    blocks ``G [W, N, N]``, ``Min [W, N, A]``, ``Sout [W, A, N]``, ``Tb [W, A, A]`` as contiguous tensors."""
+
+    @staticmethod
+    def forward(ctx, o, Px):
+        levels, h = [], 1
+        while o.shape[1] > 1:
+            levels.append((o, h * Px, h))
+            o = _strip_merge(o, h * Px, h, Px)
+            h *= 2
+        o = o[:, 0]  # [W, N + A, N + A]
+        N = o.shape[-1] - h - Px
+        ctx.save_for_backward(*[lv[0] for lv in levels])
+        ctx.meta = ([lv[1:] for lv in levels], N, o.shape)
+        return (o[:, :N, :N].contiguous(), o[:, :N, N:].contiguous(), o[:, N:, :N].contiguous(),
+                o[:, N:, N:].contiguous())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gG, gMin, gSout, gTb):
+        ins = ctx.saved_tensors
+        nh, N, shape = ctx.meta
+        ref = next(x for x in (gG, gMin, gSout, gTb) if x is not None)
+        g = ref.new_zeros(shape)
+        for blk, rs, cs in ((gG, slice(None, N), slice(None, N)), (gMin, slice(None, N), slice(N, None)),
+                            (gSout, slice(N, None), slice(None, N)), (gTb, slice(N, None), slice(N, None))):
+            if blk is not None:
+                g[:, rs, cs] = blk
+        g = g[:, None]
+        for o, (n, h) in zip(reversed(ins), reversed(nh)):
+            g = _strip_merge_backward(g, o, n, h)
+        return g, None
+
+
+def _row_matrices(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d) -> torch.Tensor:
+    """Every tile row solved in closed form: ``[W, Py, 2Px+1, 2Px+1]``, rows (marks at the row's ``Px``
+    nodes, its right edge leaving, its ``Px`` down edges leaving), columns (its ``Px`` nodes, its left edge,
+    its ``Px`` top edges)."""
     W, Py, Px = source_r.shape
-    if Py & (Py - 1):
-        raise ValueError(f"tile_matrices_doubling needs a power-of-two tile height, got {Py}")
     S1 = 2 * Px + 1  # one row's sources: its Px nodes, its left edge, its Px top edges
     eye = torch.eye(S1, dtype=source_r.dtype, device=source_r.device)
     prods = _row_products(trans_rr)  # [W, Py, Px, Px+1]
@@ -135,14 +198,39 @@ def tile_matrices_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, tra
     d_in = eye[Px + 1:]  # [Px, S1] down edge entering every node (the row's top boundary)
     marks = mark_r[..., None] * r_in + mark_d[..., None] * d_in
     d_out = source_d[..., None] * eye[:Px] + trans_rd[..., None] * r_in + trans_dd[..., None] * d_in
-    o = torch.cat([marks, r[..., -1:, :], d_out], dim=-2)  # [W, Py, 2Px+1, S1]
-    h = 1
-    while o.shape[1] > 1:
-        o = _strip_merge(o, h * Px, h, Px)
-        h *= 2
-    o = o[:, 0]  # [W, N + Py + Px, S]
+    return torch.cat([marks, r[..., -1:, :], d_out], dim=-2)  # [W, Py, 2Px+1, S1]
+
+
+def tile_blocks_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d):
+    """The tile matrices as four blocks ``(G [W, N, N], Min [W, N, A], Sout [W, A, N], Tb [W, A, A])``
+    (``Py`` a power of two): rows solved in closed form, then ``log2(Py)`` pairwise strip merges
+    (:func:`_strip_merge`) in one autograd node (:class:`_Doubling`)."""
+    W, Py, Px = source_r.shape
+    if Py & (Py - 1):
+        raise ValueError(f"tile_matrices_doubling needs a power-of-two tile height, got {Py}")
+    o = _row_matrices(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d)
+    return _Doubling.apply(o, Px)
+
+
+def tile_matrices_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d):
+    """Same result as :func:`tile_matrices` (``Py`` must be a power of two), in ``log2(Py)`` batched steps:
+    every row of every tile is solved in closed form at once, then strips are merged pairwise
+    (:func:`_strip_merge`), each merge one batched matmul."""
+    G, Min, Sout, Tb = tile_blocks_doubling(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r,
+                                            mark_d)
+    return torch.cat([G, Min], dim=-1), torch.cat([Sout, Tb], dim=-1)
+
+
+def tile_blocks(source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d):
+    """``(G, Min, Sout, Tb)`` of every tile: :func:`tile_blocks_doubling` for power-of-two heights, else the
+    row DP :func:`tile_matrices`."""
+    gates = (source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d)
+    Py, Px = source_r.shape[1:]
+    if Py & (Py - 1) == 0:
+        return tile_blocks_doubling(*gates)
+    g_full, t_out = tile_matrices(*gates)
     N = Py * Px
-    return o[:, :N], o[:, N:]
+    return g_full[..., :N], g_full[..., N:], t_out[..., :N], t_out[..., N:]
 
 
 @functools.lru_cache(maxsize=128)
@@ -304,13 +392,11 @@ def plstm_grid_tiled(q, k, v, source_r, source_d, trans_rr, trans_rd, trans_dd, 
     gates = torch.stack([source_r, source_d, trans_rr, trans_rd, trans_dd, trans_dr, mark_r, mark_d, direct], -1)
     gates = _to_tiles(gates, Py, Px, tys, txs)  # [W, N, 9]: one gather for all nine gates
     tiled = [gates[..., i].view(W, Py, Px) for i in range(8)]
-    build = tile_matrices_doubling if Py & (Py - 1) == 0 else tile_matrices
-    g_full, t_out = build(*tiled)  # [W, N, S], [W, A, S]
+    G, Min, Sout, Tb = tile_blocks(*tiled)  # [W, N, N] [W, N, A] [W, A, N] [W, A, A]
     qk = torch.bmm(Qw, Kw.transpose(1, 2))  # [W, N, N]
-    y = torch.bmm(qk * g_full[..., :N], Vw)  # intra-tile paths
+    y = torch.bmm(qk * G, Vw)  # intra-tile paths
     y = y + (gates[..., 8] * torch.diagonal(qk, dim1=1, dim2=2))[..., None] * Vw  # direct: d_n (q_n . k_n) v_n
     if nyt * nxt > 1:
-        Min, Sout, Tb = g_full[..., N:], t_out[..., :N], t_out[..., N:]  # [W,N,A] [W,A,N] [W,A,A]
         if _use_triton(q, v, use_triton):
             from ...kernels.grid import read_boundary, scatter_boundary
         else:
