@@ -118,6 +118,20 @@ def _strip_merge(o: torch.Tensor, n: int, h: int, Px: int) -> torch.Tensor:
     return torch.cat([top_c[..., :n, :], bot_c[..., :n, :], top_c[..., n:, :], bot_c[..., n:, :]], dim=-2)
 
 
+_INDEX_CACHE = {}
+
+
+def _cached_index(key, device, build) -> torch.Tensor:
+    """A long index tensor built once per (key, device): no host list -> device copy per call."""
+    k = (key, str(device))
+    t = _INDEX_CACHE.get(k)
+    if t is None:
+        if len(_INDEX_CACHE) > 512:
+            _INDEX_CACHE.clear()
+        t = _INDEX_CACHE[k] = torch.tensor(build(), dtype=torch.long, device=device)
+    return t
+
+
 @functools.lru_cache(maxsize=64)
 def _merge_index(n: int, h: int, Px: int):
     """Where a merge puts its pieces (see :func:`_strip_merge`), as index lists into the merged matrix:
@@ -138,7 +152,8 @@ def _strip_merge_backward(g: torch.Tensor, o: torch.Tensor, n: int, h: int) -> t
     m = n + h
     pair = o.reshape(W, c // 2, 2, R, C)
     top, bot = pair[:, :, 0], pair[:, :, 1]
-    rows_top, rows_bot, cols_top, cols_bot = (torch.tensor(i, device=g.device) for i in _merge_index(n, h, C - m))
+    rows_top, rows_bot, cols_top, cols_bot = (
+        _cached_index(("merge", n, h, C - m, i), g.device, lambda i=i: _merge_index(n, h, C - m)[i]) for i in range(4))
     gb = g.index_select(-2, rows_bot)  # [W, c/2, R, R'] rows of the bottom strip
     gx = gb.index_select(-1, cols_top)  # [W, c/2, R, C] gradient of x = bot[..., m:] @ top[..., m:, :]
     g_bot = torch.cat([gb.index_select(-1, cols_bot), gx @ top[..., m:, :].transpose(-1, -2)], dim=-1)
@@ -270,8 +285,8 @@ def _to_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
     if pad_y or pad_x:
         t = F.pad(t, [0, 0, 0, 0, 0, pad_x, 0, pad_y])
     t = t.reshape(B, nyt, Py, nxt, Px, H, f).permute(1, 3, 0, 5, 2, 4, 6)  # [nyt, nxt, B, H, Py, Px, F] view
-    idx_y = torch.tensor(tys, device=t.device)
-    idx_x = torch.tensor(txs, device=t.device)
+    idx_y = _cached_index(("tys", tys), t.device, lambda: tys)
+    idx_x = _cached_index(("txs", txs), t.device, lambda: txs)
     return t[idx_y, idx_x].reshape(len(tys) * B * H, Py * Px, f)
 
 
@@ -279,9 +294,9 @@ def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: in
     """Inverse of :func:`_to_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]``."""
     nyt, nxt = -(-Y // Py), -(-X // Px)
     f = t.shape[-1]
-    inv = torch.empty(len(tys), dtype=torch.long)
-    inv[torch.tensor(tys) * nxt + torch.tensor(txs)] = torch.arange(len(tys))
-    t = t.reshape(len(tys), B, H, Py, Px, f)[inv.to(t.device)].reshape(nyt, nxt, B, H, Py, Px, f)
+    inv = _cached_index(("inv", tys, txs), t.device,
+                        lambda: sorted(range(len(tys)), key=lambda p: tys[p] * nxt + txs[p]))  # row-major -> position
+    t = t.reshape(len(tys), B, H, Py, Px, f)[inv].reshape(nyt, nxt, B, H, Py, Px, f)
     return t.permute(2, 0, 4, 1, 5, 3, 6).reshape(B, nyt * Py, nxt * Px, H, f)[:, :Y, :X]
 
 
