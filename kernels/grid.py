@@ -80,15 +80,17 @@ def _dot_py(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)
 
 
-def _scatter_kernel(s, x, z, c, N, s_sw, s_sa, s_sn, x_sw, x_sn, z_sw, z_sn, c_sw, c_sa, c_sx,
+def _scatter_kernel(s, x, z, c, N, A, s_sw, s_sa, s_sn, x_sw, x_sn, z_sw, z_sn, c_sw, c_sa, c_sx,
                     KX: tl.constexpr, KZ: tl.constexpr, BN: tl.constexpr, BKX: tl.constexpr, BKZ: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (a * nkx * nkz + kx-block * nkz + kz-block, w): ``C[w, a, kx-block, kz-block]``."""
-    pid = tl.program_id(0)
-    w = tl.program_id(1).to(tl.int64)
+    """Program ``(w * A + a) * nkx * nkz + kx-block * nkz + kz-block`` (1-D grid: no 65535 cap on ``W``; the
+    programs of one tile are adjacent, so its ``x, z`` are re-read from L2): ``C[w, a, kx-block, kz-block]``."""
     nkx = tl.cdiv(KX, BKX)
     nkz = tl.cdiv(KZ, BKZ)
-    a = (pid // (nkx * nkz)).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    wa = pid // (nkx * nkz)
+    w = wa // A
+    a = wa % A
     r = pid % (nkx * nkz)
     offx = (r // nkz) * BKX + tl.arange(0, BKX)
     offz = (r % nkz) * BKZ + tl.arange(0, BKZ)
@@ -112,10 +114,12 @@ def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c
                  u_sw, u_sn, g_sw, g_sn, g_sa,
                  KX: tl.constexpr, KZ: tl.constexpr, BN: tl.constexpr, BKX: tl.constexpr, BKZ: tl.constexpr,
                  WGRAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (node block, w): ``out[w, nodes] = sum_a (x o M_a) C_a`` (all of KX and KZ in one program),
-    with ``WGRAD`` also ``g[w, nodes, a] = rowsum(u o (x C_a))``."""
-    nb = tl.program_id(0)
-    w = tl.program_id(1).to(tl.int64)
+    """Program ``w * nblocks + node block`` (1-D grid): ``out[w, nodes] = sum_a (x o M_a) C_a`` (all of KX and
+    KZ in one program), with ``WGRAD`` also ``g[w, nodes, a] = rowsum(u o (x C_a))``."""
+    nblocks = tl.cdiv(N, BN)
+    pid = tl.program_id(0).to(tl.int64)
+    w = pid // nblocks
+    nb = pid % nblocks
     offn = nb * BN + tl.arange(0, BN)
     mn = offn < N
     offx = tl.arange(0, BKX)
@@ -162,8 +166,8 @@ def _scatter(S: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return c
     bkx = max(16, min(_pow2(KX), 64))
     bkz = max(16, min(_pow2(KZ), 64))
-    grid = (A * (-(-KX // bkx)) * (-(-KZ // bkz)), W)
-    _jit(_scatter_kernel)[grid](S, x, z, c, N, *S.stride(), x.stride(0), x.stride(1), z.stride(0), z.stride(1),
+    grid = (W * A * (-(-KX // bkx)) * (-(-KZ // bkz)),)
+    _jit(_scatter_kernel)[grid](S, x, z, c, N, A, *S.stride(), x.stride(0), x.stride(1), z.stride(0), z.stride(1),
                                 c.stride(0), c.stride(1), c.stride(2), KX=KX, KZ=KZ, BN=_nblock(N, max(KX, KZ)),
                                 BKX=bkx, BKZ=bkz, PREC=_prec(x.dtype), UPCAST=_interpreting())
     return c
@@ -182,7 +186,7 @@ def _read(M: torch.Tensor, x: torch.Tensor, C: torch.Tensor, u: torch.Tensor = N
     if not wgrad:
         u, g = out, M  # unused pointers
     bn = _nblock(N, max(KX, KZ))
-    _jit(_read_kernel)[(-(-N // bn), W)](M, x, C, out, u, g, N, A, *M.stride(), x.stride(0), x.stride(1),
+    _jit(_read_kernel)[(W * (-(-N // bn)),)](M, x, C, out, u, g, N, A, *M.stride(), x.stride(0), x.stride(1),
                                           *C.stride(), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
                                           *g.stride(), KX=KX, KZ=KZ, BN=bn, BKX=max(16, _pow2(KX)),
                                           BKZ=max(16, _pow2(KZ)), WGRAD=wgrad, PREC=_prec(x.dtype),
