@@ -15,7 +15,7 @@ Everything below is batched over (batch, head, tile); nothing walks the grid nod
    solves all rows at once in closed form and merges strips of rows pairwise, ``log2(Py)`` batched
    matmul steps (the paper's log-depth construction, over rows). Reading the marks at every node gives
 
-   * ``G   [N, N]``      node -> node path sums inside the tile (+ ``direct`` on the diagonal),
+   * ``G   [N, N]``      node -> node path sums inside the tile (``direct`` is added separately),
    * ``Min [N, A]``      boundary edge entering the tile -> node (``A = Py + Px``: rows, then columns),
 
    and the states of the edges leaving the tile give
@@ -23,16 +23,22 @@ Everything below is batched over (batch, head, tile); nothing walks the grid nod
    * ``Sout [A, N]``     node -> boundary edge leaving the tile,
    * ``Tb   [A, A]``     entering boundary edge -> leaving boundary edge.
 
-2. **Local terms** (matmuls): ``y_intra = ((Q K^T) * G) V`` and the tile's own contribution to its
-   leaving states ``Cloc[a] = sum_u Sout[a, u] k_u v_u^T``.
+2. **Local terms**: ``y_intra = ((Q K^T) * G) V + direct_n (q_n . k_n) v_n`` (matmuls) and the tile's own
+   contribution to its leaving states ``Cloc[a] = sum_u Sout[a, u] k_u v_u^T``.
 3. **Wavefront over tiles** (``nYt + nXt - 1`` steps, all tiles of one anti-diagonal at once):
    ``Cout = Tb @ Cin + Cloc``, where ``Cin`` of a tile is the right-edge states leaving its left
    neighbour and the down-edge states leaving its top neighbour (zero at the grid border).
-4. **Inter-tile output**: ``y_n += sum_a Min[n, a] q_n^T Cin_a``, one matmul of
-   ``[N, A*K] x [A*K, V]`` per tile.
+4. **Inter-tile output**: ``y_n += sum_a Min[n, a] q_n^T Cin_a``.
+
+Layout: tiles are gathered once into anti-diagonal order (tile outermost, then batch, then head), so each
+wavefront step works on a contiguous slice. The boundary contractions of steps 2 and 4 run in fused Triton
+kernels on float32 CUDA tensors (:mod:`plstm_graph.kernels.grid`, nothing of size ``A*N*K`` materialised),
+else as their einsum references. Three parts are single autograd nodes with hand-written backward passes:
+the strip merges (:class:`_Doubling`), the wavefront (:class:`_Wavefront`, reference
+:func:`wavefront_reference`) and the Triton contractions; the rest is plain autograd.
 
 A tile of 1 x 1 is the node-level anti-diagonal wavefront; a single tile covering the grid is the fully
-parallel (quadratic) form. Gradients are plain autograd through these batched ops.
+parallel (quadratic) form.
 """
 from __future__ import annotations
 
