@@ -28,7 +28,6 @@ import os
 
 import torch
 
-from ._common import HAVE_TRITON as _HAVE_TRITON  # noqa: F401  (re-exported for callers)
 from ._common import available
 from ._common import lazy_jit as _lazy_jit
 from ._common import next_pow2 as _pow2

@@ -67,7 +67,8 @@ GATES = 9
 
 
 def _grid_inputs(B, Y, X, H, K, V, seed):
-    q, k, v = _randn(B, Y, X, H, K, seed=seed), _randn(B, Y, X, H, K, seed=seed + 1), _randn(B, Y, X, H, V, seed=seed + 2)
+    q, k = _randn(B, Y, X, H, K, seed=seed), _randn(B, Y, X, H, K, seed=seed + 1)
+    v = _randn(B, Y, X, H, V, seed=seed + 2)
     gates = [_randn(B, Y, X, H, seed=seed + 3 + i).tanh() for i in range(GATES)]  # both signs, |g| < 1
     return [q, k, v] + gates
 
