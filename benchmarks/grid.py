@@ -7,6 +7,8 @@ Shapes and anchors: the public reference 2D implementation (ml-jku/plstm) measur
     python benchmarks/grid.py                                  # CUDA, the four shapes, default tile
     python benchmarks/grid.py --tiles 4,8,16                   # sweep tile sizes
     python benchmarks/grid.py --device cpu --small             # CPU smoke run (smaller batches)
+    python benchmarks/grid.py --sizes 64 --tiles 8 --profile   # + a torch.profiler table per row
+    python benchmarks/grid.py --triton off                     # CUDA without the fused Triton kernels
 """
 from __future__ import annotations
 
@@ -62,6 +64,12 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="wrap the operator in torch.compile")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--triton", choices=("auto", "on", "off"), default="auto",
+                   help="fused Triton boundary kernels: auto (float32 CUDA), on (CPU needs TRITON_INTERPRET=1), off")
+    p.add_argument("--dot-precision", choices=("ieee", "tf32x3", "tf32"), default=None,
+                   help="tl.dot precision of the Triton kernels for float32 (default: kernels.grid.DOT_PRECISION)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one fwd+bwd per row")
+    p.add_argument("--profile-rows", type=int, default=25)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +77,11 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available; use --device cpu --small")
     sizes = {int(s) for s in args.sizes.split(",")}
+    use_triton = {"auto": None, "on": True, "off": False}[args.triton]
+    if args.dot_precision:
+        from plstm_graph.kernels import grid as kgrid
+
+        kgrid.DOT_PRECISION = args.dot_precision
     fn = plstm_grid
     if args.compile:
         fn = torch.compile(plstm_grid, dynamic=False)
@@ -89,7 +102,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                ms = bench(lambda *a: fn(*a, backend="tiled", tile=tile), x, device, args.reps)
+                op = lambda *a: fn(*a, backend="tiled", tile=tile, use_triton=use_triton)  # noqa: E731
+                ms = bench(op, x, device, args.reps)
             except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
                 print(f"| {side}x{side} | {bh} | {dk} | {tile} | OOM | | | |")
                 continue
@@ -97,6 +111,24 @@ def main(argv=None):
             ratio = f"{anchor / ms:.1f}x" if anchor and not args.small else "-"
             print(f"| {side}x{side} | {bh} | {dk} | {tile} | {ms:.2f} | {mem:.0f} | {anchor or '-'} | {ratio} |",
                   flush=True)
+            if args.profile:
+                profile(op, x, device, args.profile_rows, f"{side}x{side} tile {tile}")
+
+
+def profile(fn, args, device, rows, title):
+    """A torch.profiler table of one forward+backward (after the warm-up runs of :func:`bench`)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        y = fn(*args)
+        y.backward(torch.ones_like(y))
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n##### {title}: {len(prof.events())} profiler events")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    print()
 
 
 if __name__ == "__main__":

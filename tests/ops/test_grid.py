@@ -139,3 +139,18 @@ def test_grid_dag_structure():
     # interior node (1, 1): 2 in-edges x 2 out-edges; every line kind appears
     assert set(g.line_kind.tolist()) == {0, 1, 2, 3}
     assert s.num_levels == 3 + 4 - 1
+
+
+@pytest.mark.parametrize("nyt,nxt,Py", [(1, 4, 2), (4, 1, 3), (2, 3, 2), (3, 2, 1), (3, 4, 3)])
+def test_wavefront_equals_reference(nyt, nxt, Py):
+    # the one-autograd-node wavefront over tiles (anti-diagonal slices) == tile-by-tile autograd, with gradients
+    from plstm_graph.ops.grid.tiled import wavefront, wavefront_reference
+
+    A, BH, KV = Py + 2, 2, 3
+    gen = torch.Generator().manual_seed(nyt * 10 + nxt)
+    Tb = torch.randn(nyt * nxt, BH, A, A, generator=gen, dtype=torch.float64) * 0.5
+    cloc = torch.randn(nyt * nxt, BH, A, KV, generator=gen, dtype=torch.float64)
+    assert_same(lambda t: wavefront(t[0], t[1], Py, nyt, nxt), lambda t: wavefront_reference(t[0], t[1], Py, nyt, nxt),
+                [Tb, cloc], atol=1e-12)
+    leaves = [t.clone().requires_grad_(True) for t in (Tb, cloc)]
+    assert torch.autograd.gradcheck(lambda a, b: wavefront(a, b, Py, nyt, nxt), leaves)

@@ -7,7 +7,8 @@ Backends (``backend=``):
 
 * ``"reference"``: :mod:`.reference`, one node at a time; the oracle of the tests.
 * ``"tiled"``: :mod:`.tiled`, matmul-dominated per-tile gating matrices plus a wavefront over tiles
-  (``tile=(Py, Px)``; default :func:`default_tile`: 16 x 16, shrunk for smaller grids).
+  (``tile=(Py, Px)``; default :func:`default_tile`: 16 x 16, shrunk for smaller grids). On float32 CUDA
+  tensors the tile <-> boundary contractions run in fused Triton kernels (:mod:`plstm_graph.kernels.grid`).
 * ``"auto"``: ``"tiled"``.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def plstm_grid(
     direct: torch.Tensor,
     backend: str = "auto",
     tile: Optional[Union[int, Tuple[int, int]]] = None,
+    use_triton: Optional[bool] = None,
 ) -> torch.Tensor:
     """pLSTM on a 2D grid, one orientation (SPEC section 5). No scaling inside (scale ``q`` first).
 
@@ -86,6 +88,9 @@ def plstm_grid(
         tile: ``tiled`` only: tile side ``P`` or ``(Py, Px)``, capped at the grid size; default
             :func:`default_tile`. ``1`` is the node-level anti-diagonal wavefront. Power-of-two heights
             build the tile matrices in ``log2(Py)`` steps, others in ``Py`` steps.
+        use_triton: ``tiled`` only: the tile <-> boundary contractions in fused Triton kernels. ``None``
+            (default) = on float32 CUDA tensors when triton is installed; ``True`` = always (ValueError where
+            unsupported; CPU tensors need ``TRITON_INTERPRET=1``); ``False`` = plain torch.
 
     Example:
         >>> import torch
@@ -116,4 +121,4 @@ def plstm_grid(
     out_dtype = v.dtype
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     args = [t.to(acc) for t in (q, k, v) + gates]
-    return plstm_grid_tiled(*args, tile=tile).to(out_dtype)
+    return plstm_grid_tiled(*args, tile=tile, use_triton=use_triton).to(out_dtype)

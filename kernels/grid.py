@@ -1,0 +1,274 @@
+"""Triton kernels of the tiled 2D-grid pLSTM operator (``plstm_graph.ops.grid.tiled``): the two contractions
+between a tile's nodes and its boundary edges, without materialising anything of size ``A * N * K``.
+
+Per tile ``w`` (a batch of ``W`` tiles, each with ``N`` nodes and ``A`` boundary edges), float32 states:
+
+* **scatter to boundary**  ``C[w, a] = sum_n S[w, a, n] x[w, n]^T z[w, n]``
+  (``S [W, A, N]``, ``x [W, N, KX]``, ``z [W, N, KZ]`` -> ``C [W, A, KX, KZ]``): the tile's own part of the
+  states leaving it (``S = Sout``, ``x = k``, ``z = v``). One program per (w, a, KX-block, KZ-block) loops
+  over node blocks with ``tl.dot``: ``C_a += (x o S_a)^T z``.
+* **read from boundary**  ``out[w, n] = sum_a M[w, n, a] x[w, n] C[w, a]``
+  (``M [W, N, A]``, ``x [W, N, KX]``, ``C [W, A, KX, KZ]`` -> ``out [W, N, KZ]``): the inter-tile output
+  (``M = Min``, ``x = q``, ``C = Cin``). One program per (w, node block) loops over ``a``:
+  ``out += (x o M_a) C_a``. With ``WGRAD`` it also writes ``g[w, n, a] = sum_j u[w, n, j] (x C_a)[n, j]``.
+
+Every backward pass is one of these two forms on transposed (strided, never copied) views:
+
+    read:     dq = read(M, dout, C^T)  with g = dM (u = q);        dC = scatter(M^T, q, dout)
+    scatter:  dk = read(S^T, z, dC^T)  with g = dS^T (u = k);      dz = read(S^T, k, dC)
+
+``S, M`` and ``C`` are passed with explicit strides; ``x, z, u, out`` must have a unit last stride.
+Tile counts ``W``, node counts ``N`` and boundary sizes ``A`` are runtime arguments; only head dims, block
+sizes and precision flags are compile-time constants. Readable einsum references:
+:func:`scatter_boundary_reference`, :func:`read_boundary_reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._common import available
+from ._common import lazy_jit as _lazy_jit
+from ._common import next_pow2 as _pow2
+
+# triton is imported on first use, never at import (see kernels/dag.py)
+triton = None
+tl = None
+
+
+def _import_triton():
+    global triton, tl
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
+    return triton
+
+
+__all__ = ["available", "supported", "scatter_boundary", "read_boundary", "scatter_boundary_reference",
+           "read_boundary_reference", "MAX_HEAD_DIM", "DOT_PRECISION"]
+
+MAX_HEAD_DIM = 128
+# tl.dot input precision for float32 operands on a GPU: "ieee" (exact fp32 FMA, the default), "tf32x3"
+# (tensor cores, ~fp32 accuracy) or "tf32" (fastest, ~1e-3 relative). The CPU interpreter always uses ieee.
+DOT_PRECISION = os.environ.get("PLSTM_GRID_DOT_PRECISION", "ieee")
+
+_HELPERS = ("_dot",)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _jit(fn):
+    """``triton.jit(fn)`` on first use, per interpreter mode (see :func:`._common.lazy_jit`); the device
+    helper ``_dot`` is jitted for the same mode and bound as a module global before the kernel compiles."""
+    tr = _import_triton()
+    for name in _HELPERS:
+        globals()[name] = _lazy_jit(globals()[name + "_py"], tr)
+    return _lazy_jit(fn, tr)
+
+
+def _dot_py(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with ``tl.dot``. UPCAST (CPU interpreter): ``ieee`` in the accumulator's dtype."""
+    if UPCAST:
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)
+
+
+def _scatter_kernel(s, x, z, c, N, A, s_sw, s_sa, s_sn, x_sw, x_sn, z_sw, z_sn, c_sw, c_sa, c_sx,
+                    KX: tl.constexpr, KZ: tl.constexpr, BN: tl.constexpr, BKX: tl.constexpr, BKZ: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program ``(w * A + a) * nkx * nkz + kx-block * nkz + kz-block`` (1-D grid: no 65535 cap on ``W``; the
+    programs of one tile are adjacent, so its ``x, z`` are re-read from L2): ``C[w, a, kx-block, kz-block]``."""
+    nkx = tl.cdiv(KX, BKX)
+    nkz = tl.cdiv(KZ, BKZ)
+    pid = tl.program_id(0).to(tl.int64)
+    wa = pid // (nkx * nkz)
+    w = wa // A
+    a = wa % A
+    r = pid % (nkx * nkz)
+    offx = (r // nkz) * BKX + tl.arange(0, BKX)
+    offz = (r % nkz) * BKZ + tl.arange(0, BKZ)
+    mx = offx < KX
+    mz = offz < KZ
+    acc = tl.zeros([BKX, BKZ], dtype=c.dtype.element_ty)
+    sbase = s + w * s_sw + a * s_sa
+    n0 = 0
+    while n0 < N:  # (while, not range: the CPU interpreter cannot range over runtime ints)
+        offn = n0 + tl.arange(0, BN)
+        mn = offn < N
+        sv = tl.load(sbase + offn * s_sn, mask=mn, other=0.0)
+        xb = tl.load(x + w * x_sw + offn[:, None] * x_sn + offx[None, :], mask=mn[:, None] & mx[None, :], other=0.0)
+        zb = tl.load(z + w * z_sw + offn[:, None] * z_sn + offz[None, :], mask=mn[:, None] & mz[None, :], other=0.0)
+        acc = _dot(tl.trans(xb * sv[:, None]), zb, acc, PREC, UPCAST)
+        n0 += BN
+    tl.store(c + w * c_sw + a * c_sa + offx[:, None] * c_sx + offz[None, :], acc, mask=mx[:, None] & mz[None, :])
+
+
+def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c_sa, c_sx, c_sz, o_sw, o_sn,
+                 u_sw, u_sn, g_sw, g_sn, g_sa,
+                 KX: tl.constexpr, KZ: tl.constexpr, BN: tl.constexpr, BKX: tl.constexpr, BKZ: tl.constexpr,
+                 WGRAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program ``w * nblocks + node block`` (1-D grid): ``out[w, nodes] = sum_a (x o M_a) C_a`` (all of KX and
+    KZ in one program), with ``WGRAD`` also ``g[w, nodes, a] = rowsum(u o (x C_a))``."""
+    nblocks = tl.cdiv(N, BN)
+    pid = tl.program_id(0).to(tl.int64)
+    w = pid // nblocks
+    nb = pid % nblocks
+    offn = nb * BN + tl.arange(0, BN)
+    mn = offn < N
+    offx = tl.arange(0, BKX)
+    offz = tl.arange(0, BKZ)
+    mx = offx < KX
+    mz = offz < KZ
+    xb = tl.load(x + w * x_sw + offn[:, None] * x_sn + offx[None, :], mask=mn[:, None] & mx[None, :], other=0.0)
+    if WGRAD:
+        ub = tl.load(u + w * u_sw + offn[:, None] * u_sn + offz[None, :], mask=mn[:, None] & mz[None, :], other=0.0)
+    acc = tl.zeros([BN, BKZ], dtype=out.dtype.element_ty)
+    cmask = mx[:, None] & mz[None, :]
+    cptr = c + w * c_sw + offx[:, None] * c_sx + offz[None, :] * c_sz
+    mptr = m + w * m_sw + offn * m_sn
+    a = 0
+    while a < A:
+        mv = tl.load(mptr + a * m_sa, mask=mn, other=0.0)
+        cb = tl.load(cptr + a * c_sa, mask=cmask, other=0.0)
+        if WGRAD:
+            t = _dot(xb, cb, tl.zeros([BN, BKZ], dtype=acc.dtype), PREC, UPCAST)
+            acc += mv[:, None] * t
+            tl.store(g + w * g_sw + offn * g_sn + a * g_sa, tl.sum(ub * t, axis=1), mask=mn)
+        else:
+            acc = _dot(xb * mv[:, None], cb, acc, PREC, UPCAST)
+        a += 1
+    tl.store(out + w * o_sw + offn[:, None] * o_sn + offz[None, :], acc, mask=mn[:, None] & mz[None, :])
+
+
+def _prec(dtype) -> str:
+    return DOT_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def _nblock(n: int, widest: int) -> int:
+    """Node block: 16 .. 64 (32 for head dims above 64, keeping the register tiles small)."""
+    return max(16, min(_pow2(n), 64 if widest <= 64 else 32))
+
+
+def _scatter(S: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Launch: ``S [W, A, N]`` (any strides), ``x [W, N, KX]``, ``z [W, N, KZ]`` (unit last stride) ->
+    ``C [W, A, KX, KZ]`` contiguous."""
+    W, A, N = S.shape
+    KX, KZ = x.shape[-1], z.shape[-1]
+    c = torch.empty(W, A, KX, KZ, dtype=x.dtype, device=x.device)
+    if W == 0 or A == 0:
+        return c
+    bkx = max(16, min(_pow2(KX), 64))
+    bkz = max(16, min(_pow2(KZ), 64))
+    grid = (W * A * (-(-KX // bkx)) * (-(-KZ // bkz)),)
+    _jit(_scatter_kernel)[grid](S, x, z, c, N, A, *S.stride(), x.stride(0), x.stride(1), z.stride(0), z.stride(1),
+                                c.stride(0), c.stride(1), c.stride(2), KX=KX, KZ=KZ, BN=_nblock(N, max(KX, KZ)),
+                                BKX=bkx, BKZ=bkz, PREC=_prec(x.dtype), UPCAST=_interpreting())
+    return c
+
+
+def _read(M: torch.Tensor, x: torch.Tensor, C: torch.Tensor, u: torch.Tensor = None, g: torch.Tensor = None):
+    """Launch: ``M [W, N, A]``, ``x [W, N, KX]``, ``C [W, A, KX, KZ]`` (``M``, ``C`` any strides) ->
+    ``out [W, N, KZ]``; with ``u [W, N, KZ]`` also writes ``g [W, N, A]`` (any strides, e.g. a transposed
+    ``[W, A, N]`` buffer) with ``g[w, n, a] = u[w, n] . (x[w, n] C[w, a])``."""
+    W, N, A = M.shape
+    KX, KZ = C.shape[-2], C.shape[-1]
+    out = torch.empty(W, N, KZ, dtype=x.dtype, device=x.device)
+    if W == 0 or N == 0:
+        return out
+    wgrad = u is not None
+    if not wgrad:
+        u, g = out, M  # unused pointers
+    bn = _nblock(N, max(KX, KZ))
+    _jit(_read_kernel)[(W * (-(-N // bn)),)](M, x, C, out, u, g, N, A, *M.stride(), x.stride(0), x.stride(1),
+                                          *C.stride(), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
+                                          *g.stride(), KX=KX, KZ=KZ, BN=bn, BKX=max(16, _pow2(KX)),
+                                          BKZ=max(16, _pow2(KZ)), WGRAD=wgrad, PREC=_prec(x.dtype),
+                                          UPCAST=_interpreting())
+    return out
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _ScatterBoundary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S, x, z):
+        x, z = _unit_last(x), _unit_last(z)
+        ctx.save_for_backward(S, x, z)
+        return _scatter(S, x, z)
+
+    @staticmethod
+    def backward(ctx, dC):
+        S, x, z = ctx.saved_tensors
+        dC = dC.contiguous()
+        St = S.transpose(1, 2)  # [W, N, A] view
+        dS = dx = dz = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dS = torch.empty_like(S, memory_format=torch.contiguous_format)  # [W, A, N]; written as [W, N, A]
+            dx = _read(St, z, dC.transpose(2, 3), u=x, g=dS.transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            dz = _read(St, x, dC)
+        return dS, dx, dz
+
+
+class _ReadBoundary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, M, x, C):
+        x = _unit_last(x)
+        ctx.save_for_backward(M, x, C)
+        return _read(M, x, C)
+
+    @staticmethod
+    def backward(ctx, dout):
+        M, x, C = ctx.saved_tensors
+        dout = dout.contiguous()
+        dM = dx = dC = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dM = torch.empty_like(M, memory_format=torch.contiguous_format)
+            dx = _read(M, dout, C.transpose(2, 3), u=x, g=dM)
+        if ctx.needs_input_grad[2]:
+            dC = _scatter(M.transpose(1, 2), x, dout)
+        return dM, dx, dC
+
+
+def supported(x: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether these kernels take tensors like ``x [.., KX]``, ``z [.., KZ]``: float32 on CUDA (float32 or
+    float64 under the CPU interpreter), head dims <= :data:`MAX_HEAD_DIM`, triton importable."""
+    if not available() or max(x.shape[-1], z.shape[-1]) > MAX_HEAD_DIM:
+        return False
+    if _interpreting() and x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64)
+    return x.is_cuda and x.dtype == torch.float32
+
+
+def scatter_boundary(S: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``C[w, a] = sum_n S[w, a, n] x[w, n]^T z[w, n]``, fused (differentiable in all three inputs).
+
+    Shapes: ``S [W, A, N]``, ``x [W, N, KX]``, ``z [W, N, KZ]`` (one dtype) -> ``C [W, A, KX, KZ]``.
+    Reference: :func:`scatter_boundary_reference`."""
+    return _ScatterBoundary.apply(S, x, z)
+
+
+def read_boundary(M: torch.Tensor, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``out[w, n] = sum_a M[w, n, a] x[w, n] C[w, a]``, fused (differentiable in all three inputs).
+
+    Shapes: ``M [W, N, A]``, ``x [W, N, KX]``, ``C [W, A, KX, KZ]`` (one dtype) -> ``out [W, N, KZ]``.
+    Reference: :func:`read_boundary_reference`."""
+    return _ReadBoundary.apply(M, x, C)
+
+
+def scatter_boundary_reference(S: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Readable reference of :func:`scatter_boundary`."""
+    return torch.einsum("wan,wnk,wnv->wakv", S, x, z)
+
+
+def read_boundary_reference(M: torch.Tensor, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Readable reference of :func:`read_boundary`."""
+    return torch.einsum("wna,wnk,wakv->wnv", M, x, C)
