@@ -182,7 +182,7 @@ def main():
     dtype = getattr(torch, ARGS.dtype)
     H, D = ARGS.heads, ARGS.dim
     G, iters = ARGS.graphs, ARGS.iters
-    scaling = [1_000 * 4 ** i for i in range(6)]  # 1k .. 1M
+    scaling = [1_000 * 4 ** i for i in range(5)] + [1_000_000]  # 1k, 4k, 16k, 64k, 256k, 1M
     scaling = [e for e in scaling if e <= ARGS.max_edges]
     if ARGS.small:
         H, D, G, iters = 2, 8, 2, 1
