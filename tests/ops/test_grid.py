@@ -154,3 +154,14 @@ def test_wavefront_equals_reference(nyt, nxt, Py):
                 [Tb, cloc], atol=1e-12)
     leaves = [t.clone().requires_grad_(True) for t in (Tb, cloc)]
     assert torch.autograd.gradcheck(lambda a, b: wavefront(a, b, Py, nyt, nxt), leaves)
+
+
+def test_default_tile_rule():
+    from plstm_graph.ops.grid import default_tile
+
+    # up to 16: one tile (power-of-two height for the doubling build); beyond: tiles of 8
+    assert default_tile(16, 16) == (16, 16)
+    assert default_tile(5, 7) == (8, 7)
+    assert default_tile(1, 40) == (1, 8)
+    assert default_tile(64, 64) == (8, 8)
+    assert default_tile(17, 12) == (8, 12)

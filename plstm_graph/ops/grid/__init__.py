@@ -7,7 +7,7 @@ Backends (``backend=``):
 
 * ``"reference"``: :mod:`.reference`, one node at a time; the oracle of the tests.
 * ``"tiled"``: :mod:`.tiled`, matmul-dominated per-tile gating matrices plus a wavefront over tiles
-  (``tile=(Py, Px)``; default :func:`default_tile`: 16 x 16, shrunk for smaller grids). On float32 CUDA
+  (``tile=(Py, Px)``; default :func:`default_tile`: one tile up to 16 x 16, tiles of 8 beyond). On float32 CUDA
   tensors the tile <-> boundary contractions run in fused Triton kernels (:mod:`plstm_graph.kernels.grid`).
 * ``"auto"``: ``"tiled"``.
 """

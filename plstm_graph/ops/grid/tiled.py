@@ -53,12 +53,17 @@ __all__ = ["plstm_grid_tiled", "tile_matrices", "tile_matrices_doubling", "tile_
 
 
 def default_tile(Y: int, X: int) -> Tuple[int, int]:
-    """The tile used when none is given: ``(min(16, next power of two >= Y), min(16, X))``.
+    """The tile used when none is given: a grid of side <= 16 is one tile (height rounded up to a power of
+    two), a larger side is cut into tiles of 8.
 
-    16 makes a 16 x 16 grid (a 256 px image at patch 16) one fully parallel tile and keeps the per-tile
-    gating tensors (``~P^4`` floats per tile and head) small at 32 x 32 .. 128 x 128; a power-of-two height
-    lets the tile matrices be built by log-depth doubling (:func:`tile_matrices_doubling`)."""
-    return min(16, 1 << max(0, Y - 1).bit_length()), min(16, X)
+    One tile makes a 16 x 16 grid (a 256 px image at patch 16) fully parallel; beyond that, tiles of 8 keep
+    the per-tile gating tensors (``~P^4`` floats per tile and head) and the boundary contractions small.
+    Measured on an H200 (float32, forward+backward, BH = 64, K = V = 32): 32 x 32 9.43 ms at 8 vs 9.47 at 16,
+    64 x 64 14.0 vs 19.9 ms; 16 x 16 (BH 192, K = V = 64) 6.7 ms as one tile vs 15.7 at 8. A power-of-two
+    height lets the tile matrices be built by log-depth doubling (:func:`tile_matrices_doubling`)."""
+    py = 1 << max(0, Y - 1).bit_length() if Y <= 16 else 8
+    px = X if X <= 16 else 8
+    return py, px
 
 
 def _row_products(t: torch.Tensor) -> torch.Tensor:
