@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit"]
+__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit", "bind_triton"]
 
 
 def triton_installed() -> bool:
@@ -45,3 +45,14 @@ def lazy_jit(fn, triton_module, **kw):
     if kern is None:
         kern = _JITTED[key] = triton_module.jit(**kw)(fn)
     return kern
+
+
+def bind_triton(namespace: dict):
+    """Import triton on first use and bind ``triton`` and ``tl`` (``triton.language``) in a kernel module's
+    globals (pass ``globals()``): kernel bodies resolve ``tl`` there when they are compiled. Returns triton."""
+    if namespace.get("triton") is None:
+        import triton
+        import triton.language as tl
+
+        namespace["triton"], namespace["tl"] = triton, tl
+    return namespace["triton"]

@@ -57,6 +57,7 @@ import torch
 from ._common import next_pow2 as _pow2
 from ._common import HAVE_TRITON as _HAVE_TRITON
 from ._common import available
+from ._common import bind_triton as _bind_triton
 from ._common import lazy_jit as _lazy_jit
 
 # triton is imported on first use, never at import: the package works without it, and a test that sets
@@ -66,13 +67,7 @@ tl = None
 
 
 def _import_triton():
-    global triton, tl
-    if triton is None:
-        import triton as _triton
-        import triton.language as _tl
-
-        triton, tl = _triton, _tl
-    return triton
+    return _bind_triton(globals())
 
 
 __all__ = ["available", "plstm_dag_triton", "MAX_HEAD_DIM"]

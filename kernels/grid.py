@@ -29,6 +29,7 @@ import os
 import torch
 
 from ._common import available
+from ._common import bind_triton as _bind_triton
 from ._common import lazy_jit as _lazy_jit
 from ._common import next_pow2 as _pow2
 
@@ -38,13 +39,7 @@ tl = None
 
 
 def _import_triton():
-    global triton, tl
-    if triton is None:
-        import triton as _triton
-        import triton.language as _tl
-
-        triton, tl = _triton, _tl
-    return triton
+    return _bind_triton(globals())
 
 
 __all__ = ["available", "supported", "scatter_boundary", "read_boundary", "scatter_boundary_reference",

@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._common import bind_triton as _bind_triton
 from ._common import next_pow2 as _pow2
 
 triton = None
@@ -46,13 +47,7 @@ tl = None
 
 
 def _import_triton():
-    global triton, tl
-    if triton is None:
-        import triton as _triton
-        import triton.language as _tl
-
-        triton, tl = _triton, _tl
-    return triton
+    return _bind_triton(globals())
 
 
 _JITTED = {}
