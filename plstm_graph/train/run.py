@@ -57,6 +57,9 @@ class TrainConfig:
     dropout: float = 0.1
     readout: str = "mean+sum"
     patience: int = 15
+    warmup_epochs: int = 2
+    ema_decay: float = 0.0
+    grad_clip: float = 0.0
     devices: int = 1
     accelerator: str = "auto"
     precision: Optional[str] = None
@@ -77,10 +80,14 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "num_layers", "num_heads", "devices", "folds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.num_workers < 0:
-            raise ValueError("--patience and --num-workers must be non-negative")
+        if self.patience < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
+            raise ValueError("--patience, --num-workers and --warmup-epochs must be non-negative")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
+            raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.hidden % self.num_heads:
@@ -157,7 +164,7 @@ def _trainer(cfg: TrainConfig, out: Path, monitor: str, mode: str):
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy,
         precision=precision, callbacks=callbacks, logger=CSVLogger(str(out), name="logs", version=""),
         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=1,
-        deterministic=False, num_sanity_val_steps=0,
+        deterministic=False, num_sanity_val_steps=0, gradient_clip_val=cfg.grad_clip or None,
     )
 
 
@@ -210,7 +217,8 @@ def train_run(cfg: TrainConfig) -> Dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model_kwargs = _model_kwargs(cfg, num_tasks=len(table.target_names))
     module = MoleculeLitModule(model_kwargs, table.task, mean, std, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               epochs=cfg.epochs)
+                               epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                               ema_decay=cfg.ema_decay)
     data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
                               num_workers=cfg.num_workers, seed=cfg.seed)
     name, mode = primary_metric(table.task)
@@ -239,7 +247,7 @@ def train_run(cfg: TrainConfig) -> Dict:
         "featurization": featurization_hash(),
     })
     torch.save({
-        "model_kwargs": model_kwargs, "state_dict": module.model.state_dict(), "task": table.task,
+        "model_kwargs": model_kwargs, "state_dict": module.eval_model().state_dict(), "task": table.task,
         "targets": table.target_names, "target_mean": mean, "target_std": std,
         "featurization": featurization_hash(), "config": config,
     }, out / "model.pt")
