@@ -123,6 +123,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--ema-decay", type=_fraction, default=_DEFAULTS.ema_decay,
                    help="moving average of the weights used for validation, checkpoints and prediction "
                         f"(0 = off; default {_DEFAULTS.ema_decay})")
+    g.add_argument("--select", choices=("best", "last"), default=_DEFAULTS.select,
+                   help="evaluate the epoch with the best validation metric (with early stopping, --patience) or "
+                        f"the weights after the last epoch (default {_DEFAULTS.select})")
     g.add_argument("--grad-clip", type=_nonneg_float, default=_DEFAULTS.grad_clip,
                    help=f"gradient-norm clipping (0 = off; default {_DEFAULTS.grad_clip})")
     g.add_argument("--devices", type=_positive_int, default=1, help="GPUs (or CPU processes); >1 uses DDP")
@@ -146,7 +149,7 @@ def _config(args, model: str, seed: int, out: str):
         fold=args.fold, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
         dropout=args.dropout, patience=args.patience, warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip, devices=args.devices, accelerator=args.accelerator,
+        grad_clip=args.grad_clip, select=args.select, devices=args.devices, accelerator=args.accelerator,
         precision=args.precision, num_workers=args.num_workers, out=out, cache_dir=args.cache_dir,
         max_molecules=args.max_molecules, progress=not args.no_progress,
     )

@@ -1,8 +1,9 @@
 """One training run end to end, and loading a trained model for prediction.
 
 ``train_run(TrainConfig(...))`` loads the data set, featurises it (cached), splits it (seeded), trains with
-Lightning (early stopping on the validation metric, best checkpoint, CSV logs), evaluates the best model on
-validation and test, and writes into ``config.out``:
+Lightning (AdamW, linear warm-up then cosine decay, gradient clipping, a moving average of the weights, early
+stopping on the validation metric, best checkpoint, CSV logs), evaluates the best model (``select="last"``: the
+weights after the last epoch) on validation and test, and writes into ``config.out``:
 
 * ``metrics.json``: ``{"test": {...}, "val": {...}, "config": {...}, "task", "targets", "epochs_run",
   "epoch_seconds", "num_molecules", "invalid_smiles"}``;
@@ -57,9 +58,10 @@ class TrainConfig:
     dropout: float = 0.1
     readout: str = "mean+sum"
     patience: int = 15
-    warmup_epochs: int = 2
-    ema_decay: float = 0.0
-    grad_clip: float = 0.0
+    warmup_epochs: int = 5
+    ema_decay: float = 0.98
+    grad_clip: float = 1.0
+    select: str = "best"
     devices: int = 1
     accelerator: str = "auto"
     precision: Optional[str] = None
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
             raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"--select must be best or last, got {self.select!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout < 1.0:
@@ -152,11 +156,14 @@ def _trainer(cfg: TrainConfig, out: Path, monitor: str, mode: str):
     _quiet_lightning()
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision or ("bf16-mixed" if cuda else "32-true")
-    callbacks = [
-        EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
-        ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=monitor, mode=mode,
-                        save_top_k=1, save_last=False),
-    ]
+    if cfg.select == "best":  # early stopping; the epoch with the best validation metric
+        callbacks = [
+            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
+            ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=monitor, mode=mode,
+                            save_top_k=1, save_last=False),
+        ]
+    else:  # every epoch of the schedule; the weights after the last one
+        callbacks = [ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1)]
     if cfg.progress:
         callbacks.append(TQDMProgressBar(leave=False))
     strategy = "ddp" if cfg.devices > 1 else "auto"

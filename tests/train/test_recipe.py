@@ -80,3 +80,19 @@ def test_cli_recipe_flags_default_to_train_config_and_pass_through():
 def test_bad_recipe_values_are_rejected(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(TrainConfig(), **{field: value}).validate()
+
+
+def test_select_last_trains_every_epoch_and_keeps_the_last_weights(tmp_path):
+    from plstm_graph.train.run import train_run
+
+    smiles = ["CCO", "CCN", "CCC", "CCCC", "CCCO", "CC(C)O", "c1ccccc1", "c1ccccc1O", "c1ccccc1N", "CC(=O)O",
+              "OCCO", "NCCN"]
+    path = tmp_path / "m.csv"
+    path.write_text("smiles,y\n" + "\n".join(f"{s},{0.3 * len(s)}" for s in smiles) + "\n")
+    cfg = TrainConfig(dataset=None, csv=str(path), smiles_column="smiles", target_columns=["y"], split="random",
+                      epochs=3, hidden=8, num_layers=2, num_heads=2, batch_size=4, select="last", patience=0,
+                      out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), progress=False)
+    result = train_run(cfg)
+    assert result["epochs_run"] == 3  # patience 0 would have stopped a "best" run after one bad epoch
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
