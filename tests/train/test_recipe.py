@@ -19,7 +19,8 @@ KW = dict(model="plstm", num_tasks=1, hidden=8, num_layers=2, num_heads=2)
 
 def test_plstm_molecule_gate_biases_spread_over_heads_and_can_be_overridden():
     assert plstm_molecule_init(4) == {"source_bias": [-4.0, -2.6667, -1.3333, 0.0],
-                                      "mark_bias": [-4.0, -2.6667, -1.3333, 0.0], "direct_bias": [-6.0, -4.0, -2.0, 0.0]}
+                                      "mark_bias": [-4.0, -2.6667, -1.3333, 0.0],
+                                      "direct_bias": [-6.0, -4.0, -2.0, 0.0]}
     assert plstm_molecule_init(1) == {"source_bias": [-4.0], "mark_bias": [-4.0], "direct_bias": [-6.0]}
     model = MoleculeModel(**{**KW, "num_heads": 4})
     for block in model.backbone.blocks:
