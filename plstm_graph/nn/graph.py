@@ -28,7 +28,7 @@ Modes (SPEC section 3):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -123,7 +123,8 @@ class PLSTMGraphLayer(nn.Module):
         head_dim: ``K = V`` per head (default ``dim // num_heads``).
         backend: ``plstm_dag`` backend (``"levels"``, ``"parallel"``, ``"reference"``, ``"triton"``, ``"auto"``).
         normalize: P-mode normalisation (default ``True``; ``False`` only to demonstrate instability).
-        source_bias, mark_bias, direct_bias, transition_bias, transition_scale: gate initialisation;
+        source_bias, mark_bias, direct_bias, transition_bias, transition_scale: gate initialisation (each bias
+            one number for all heads or a sequence of ``num_heads`` numbers, one per head);
             defaults follow the paper (PAPERS.md section 1.8): sources and marks start small
             (``sigmoid(-4) = 0.018``), the direct term smaller (``sigmoid(-6)``), transitions at
             ``tanh(5 * 1) = 0.9999`` (critical: long paths are open from the start, while the small
@@ -161,10 +162,10 @@ class PLSTMGraphLayer(nn.Module):
         *,
         backend: str = "auto",
         normalize: bool = True,
-        source_bias: float = -4.0,
-        mark_bias: float = -4.0,
-        direct_bias: float = -6.0,
-        transition_bias: float = 1.0,
+        source_bias: Union[float, Sequence[float]] = -4.0,
+        mark_bias: Union[float, Sequence[float]] = -4.0,
+        direct_bias: Union[float, Sequence[float]] = -6.0,
+        transition_bias: Union[float, Sequence[float]] = 1.0,
         transition_scale: float = 5.0,
         gate_init_std: float = 0.02,
         recompute: bool = False,
@@ -198,6 +199,8 @@ class PLSTMGraphLayer(nn.Module):
         self.direct_bias = nn.Parameter(torch.empty(num_heads))
         self.norm = MultiHeadRMSNorm(num_heads, head_dim)
         self.out_proj = nn.Linear(hk, dim, bias=False)
+        for name in ("source", "transition", "mark", "direct"):
+            self._bias_init(name)  # a wrong number of per-head values fails here, not in reset_parameters
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -206,11 +209,17 @@ class PLSTMGraphLayer(nn.Module):
         nn.init.normal_(self.gate_node.weight, std=self.init["std"])
         if self.gate_edge is not None:
             nn.init.normal_(self.gate_edge.weight, std=self.init["std"])
-        nn.init.constant_(self.source_bias, self.init["source"])
-        nn.init.constant_(self.transition_bias, self.init["transition"])
-        nn.init.constant_(self.mark_bias, self.init["mark"])
-        nn.init.constant_(self.direct_bias, self.init["direct"])
+        with torch.no_grad():
+            for name in ("source", "transition", "mark", "direct"):
+                getattr(self, f"{name}_bias").copy_(self._bias_init(name))
         self.norm.reset_parameters()
+
+    def _bias_init(self, name: str) -> torch.Tensor:
+        """``[H]`` initial bias of gate ``name``: one number for every head, or one number per head."""
+        value = torch.as_tensor(self.init[name], dtype=torch.float32).flatten()
+        if value.numel() not in (1, self.num_heads):
+            raise ValueError(f"{name}_bias needs one value or num_heads={self.num_heads} values, got {value.numel()}")
+        return value.expand(self.num_heads)
 
     def extra_repr(self) -> str:
         return (

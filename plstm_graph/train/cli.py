@@ -78,6 +78,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (a shipped data set, or your CSV)")
     g.add_argument("--dataset", choices=_DATASETS, default=None, help="shipped data set (default: freesolv)")
@@ -96,6 +106,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> None:
+    from .run import TrainConfig as _DEFAULTS  # numpy and torch only; the recipe defaults live there
+
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=epochs_default, help=f"default {epochs_default}")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
@@ -106,6 +118,16 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--heads", type=_positive_int, default=4, help="pLSTM / GAT heads (default 4)")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="default 0.1")
     g.add_argument("--patience", type=_nonneg_int, default=15, help="early-stopping patience in epochs (default 15)")
+    g.add_argument("--warmup-epochs", type=_nonneg_int, default=_DEFAULTS.warmup_epochs,
+                   help=f"linear learning-rate warm-up before the cosine decay (default {_DEFAULTS.warmup_epochs})")
+    g.add_argument("--ema-decay", type=_fraction, default=_DEFAULTS.ema_decay,
+                   help="moving average of the weights used for validation, checkpoints and prediction "
+                        f"(0 = off; default {_DEFAULTS.ema_decay})")
+    g.add_argument("--select", choices=("best", "last"), default=_DEFAULTS.select,
+                   help="evaluate the epoch with the best validation metric (with early stopping, --patience) or "
+                        f"the weights after the last epoch (default {_DEFAULTS.select})")
+    g.add_argument("--grad-clip", type=_nonneg_float, default=_DEFAULTS.grad_clip,
+                   help=f"gradient-norm clipping (0 = off; default {_DEFAULTS.grad_clip})")
     g.add_argument("--devices", type=_positive_int, default=1, help="GPUs (or CPU processes); >1 uses DDP")
     g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"))
     g.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32 on CPU)")
@@ -126,7 +148,8 @@ def _config(args, model: str, seed: int, out: str):
         target_columns=list(args.target_column), task=args.task, model=model, split=args.split, folds=args.folds,
         fold=args.fold, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        dropout=args.dropout, patience=args.patience, devices=args.devices, accelerator=args.accelerator,
+        dropout=args.dropout, patience=args.patience, warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip, select=args.select, devices=args.devices, accelerator=args.accelerator,
         precision=args.precision, num_workers=args.num_workers, out=out, cache_dir=args.cache_dir,
         max_molecules=args.max_molecules, progress=not args.no_progress,
     )

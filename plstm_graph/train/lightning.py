@@ -2,6 +2,7 @@
 :class:`MoleculeDataModule` (PyG loaders). The only floor besides the CLI that imports Lightning."""
 from __future__ import annotations
 
+import copy
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -42,14 +43,26 @@ class MoleculeLitModule(pl.LightningModule):
     Regression targets are standardised with the training set's per-target mean / std (``target_mean``,
     ``target_std`` buffers, saved with the model); predictions are returned in original units.
     Classification outputs are logits; :meth:`predict_batch` returns probabilities.
+
+    ``ema_decay > 0`` keeps an exponential moving average of the weights (``ema_model``, updated after every
+    optimizer step with decay ``min(ema_decay, (1 + n) / (10 + n))`` at step ``n``; buffers such as BatchNorm
+    statistics are copied). Validation, :meth:`predict_batch` and :meth:`eval_model` then use the average.
     """
 
     def __init__(self, model_kwargs: Dict, task: str, target_mean: Sequence[float], target_std: Sequence[float],
-                 lr: float = 1e-3, weight_decay: float = 0.0, epochs: int = 50, warmup_epochs: int = 2):
+                 lr: float = 1e-3, weight_decay: float = 0.0, epochs: int = 50, warmup_epochs: int = 2,
+                 ema_decay: float = 0.0):
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
         self.task = task
         self.model = MoleculeModel(**model_kwargs)
+        self.ema_model: Optional[MoleculeModel] = None
+        if ema_decay > 0:
+            self.ema_model = copy.deepcopy(self.model)
+            self.ema_model.requires_grad_(False)
+        self._ema_steps = 0
         self.register_buffer("target_mean", torch.as_tensor(target_mean, dtype=torch.float32).view(1, -1))
         self.register_buffer("target_std", torch.as_tensor(target_std, dtype=torch.float32).view(1, -1))
         self._val_out: List = []
@@ -60,9 +73,26 @@ class MoleculeLitModule(pl.LightningModule):
     def forward(self, batch) -> torch.Tensor:
         return self.model(batch)
 
+    def eval_model(self) -> MoleculeModel:
+        """The weights used for validation and prediction: the moving average if kept, else the model."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One moving-average step towards the current weights (a no-op without ``ema_decay``)."""
+        if self.ema_model is None:
+            return
+        n = self._ema_steps
+        self._ema_steps += 1
+        decay = min(float(self.hparams.ema_decay), (1.0 + n) / (10.0 + n))
+        for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
+            pe.lerp_(p.detach().to(pe.dtype), 1.0 - decay)
+        for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            be.copy_(b)
+
     def predict_batch(self, batch) -> torch.Tensor:
         """``[B, T]`` predictions: original units (regression) or probabilities (classification)."""
-        out = self.model(batch).float()
+        out = self.eval_model()(batch).float()
         if self.task == "regression":
             return out * self.target_std + self.target_mean
         return torch.sigmoid(out)
@@ -77,8 +107,11 @@ class MoleculeLitModule(pl.LightningModule):
                  sync_dist=True)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.update_ema()
+
     def validation_step(self, batch, batch_idx):
-        out = self.model(batch)
+        out = self.eval_model()(batch)
         loss = masked_loss(self.task, out, self._scaled_target(batch.y))
         self.log("val_loss", loss, batch_size=int(batch.num_graphs), on_step=False, on_epoch=True, sync_dist=True)
         self._val_out.append((self.predict_batch(batch).detach(), batch.y.detach()))
@@ -107,7 +140,7 @@ class MoleculeLitModule(pl.LightningModule):
             self.epoch_seconds.append(time.perf_counter() - self._t0)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         epochs, warm = max(int(self.hparams.epochs), 1), int(self.hparams.warmup_epochs)
 
         def factor(epoch: int) -> float:  # linear warm-up, then cosine decay to 5% of lr

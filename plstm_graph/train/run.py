@@ -1,8 +1,9 @@
 """One training run end to end, and loading a trained model for prediction.
 
 ``train_run(TrainConfig(...))`` loads the data set, featurises it (cached), splits it (seeded), trains with
-Lightning (early stopping on the validation metric, best checkpoint, CSV logs), evaluates the best model on
-validation and test, and writes into ``config.out``:
+Lightning (AdamW, linear warm-up then cosine decay, gradient clipping, a moving average of the weights, early
+stopping on the validation metric, best checkpoint, CSV logs), evaluates the best model (``select="last"``: the
+weights after the last epoch) on validation and test, and writes into ``config.out``:
 
 * ``metrics.json``: ``{"test": {...}, "val": {...}, "config": {...}, "task", "targets", "epochs_run",
   "epoch_seconds", "num_molecules", "invalid_smiles"}``;
@@ -57,6 +58,10 @@ class TrainConfig:
     dropout: float = 0.1
     readout: str = "mean+sum"
     patience: int = 15
+    warmup_epochs: int = 5
+    ema_decay: float = 0.98
+    grad_clip: float = 1.0
+    select: str = "best"
     devices: int = 1
     accelerator: str = "auto"
     precision: Optional[str] = None
@@ -77,10 +82,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "num_layers", "num_heads", "devices", "folds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.num_workers < 0:
-            raise ValueError("--patience and --num-workers must be non-negative")
+        if self.patience < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
+            raise ValueError("--patience, --num-workers and --warmup-epochs must be non-negative")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
+            raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"--select must be best or last, got {self.select!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.hidden % self.num_heads:
@@ -145,11 +156,14 @@ def _trainer(cfg: TrainConfig, out: Path, monitor: str, mode: str):
     _quiet_lightning()
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision or ("bf16-mixed" if cuda else "32-true")
-    callbacks = [
-        EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
-        ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=monitor, mode=mode,
-                        save_top_k=1, save_last=False),
-    ]
+    if cfg.select == "best":  # early stopping; the epoch with the best validation metric
+        callbacks = [
+            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
+            ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor=monitor, mode=mode,
+                            save_top_k=1, save_last=False),
+        ]
+    else:  # every epoch of the schedule; the weights after the last one
+        callbacks = [ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1)]
     if cfg.progress:
         callbacks.append(TQDMProgressBar(leave=False))
     strategy = "ddp" if cfg.devices > 1 else "auto"
@@ -157,7 +171,7 @@ def _trainer(cfg: TrainConfig, out: Path, monitor: str, mode: str):
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy,
         precision=precision, callbacks=callbacks, logger=CSVLogger(str(out), name="logs", version=""),
         enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=1,
-        deterministic=False, num_sanity_val_steps=0,
+        deterministic=False, num_sanity_val_steps=0, gradient_clip_val=cfg.grad_clip or None,
     )
 
 
@@ -210,7 +224,8 @@ def train_run(cfg: TrainConfig) -> Dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model_kwargs = _model_kwargs(cfg, num_tasks=len(table.target_names))
     module = MoleculeLitModule(model_kwargs, table.task, mean, std, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               epochs=cfg.epochs)
+                               epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                               ema_decay=cfg.ema_decay)
     data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
                               num_workers=cfg.num_workers, seed=cfg.seed)
     name, mode = primary_metric(table.task)
@@ -239,7 +254,7 @@ def train_run(cfg: TrainConfig) -> Dict:
         "featurization": featurization_hash(),
     })
     torch.save({
-        "model_kwargs": model_kwargs, "state_dict": module.model.state_dict(), "task": table.task,
+        "model_kwargs": model_kwargs, "state_dict": module.eval_model().state_dict(), "task": table.task,
         "targets": table.target_names, "target_mean": mean, "target_std": std,
         "featurization": featurization_hash(), "config": config,
     }, out / "model.pt")

@@ -221,6 +221,17 @@ def test_reset_parameters_restores_init():
     assert layer.gate_node.weight.std() < 0.1
 
 
+def test_per_head_gate_biases():
+    layer = PLSTMGraphLayer(8, 4, mode="D", source_bias=[-4.0, -2.0, 0.0, 1.0], direct_bias=0.5)
+    assert layer.source_bias.tolist() == [-4.0, -2.0, 0.0, 1.0] and layer.direct_bias.tolist() == [0.5] * 4
+    with torch.no_grad():
+        layer.source_bias.zero_()
+    layer.reset_parameters()
+    assert layer.source_bias.tolist() == [-4.0, -2.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="mark_bias needs one value or num_heads=4"):
+        PLSTMGraphLayer(8, 4, mark_bias=[-1.0, 0.0])
+
+
 def test_torch_compile_tiny_graph():
     """torch.compile must not crash (the level loop and the autograd.Function break the graph)."""
     torch._dynamo.reset()

@@ -1,0 +1,99 @@
+"""The training recipe (weight moving average, clipping, warm-up) and the molecule pLSTM's gate initialisation."""
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("rdkit")
+pytest.importorskip("lightning")
+
+from torch_geometric.loader import DataLoader  # noqa: E402
+
+from plstm_graph.chem import smiles_to_dag  # noqa: E402
+from plstm_graph.models.molecule import MoleculeModel, plstm_molecule_init  # noqa: E402
+from plstm_graph.train.lightning import MoleculeLitModule  # noqa: E402
+from plstm_graph.train.run import TrainConfig  # noqa: E402
+
+KW = dict(model="plstm", num_tasks=1, hidden=8, num_layers=2, num_heads=2)
+
+
+def test_plstm_molecule_gate_biases_spread_over_heads_and_can_be_overridden():
+    assert plstm_molecule_init(4) == {"source_bias": [-4.0, -2.6667, -1.3333, 0.0],
+                                      "mark_bias": [-4.0, -2.6667, -1.3333, 0.0],
+                                      "direct_bias": [-6.0, -4.0, -2.0, 0.0]}
+    assert plstm_molecule_init(1) == {"source_bias": [-4.0], "mark_bias": [-4.0], "direct_bias": [-6.0]}
+    model = MoleculeModel(**{**KW, "num_heads": 4})
+    for block in model.backbone.blocks:
+        layer = block.layer
+        torch.testing.assert_close(layer.source_bias, torch.tensor([-4.0, -2.6667, -1.3333, 0.0]))
+        torch.testing.assert_close(layer.mark_bias, torch.tensor([-4.0, -2.6667, -1.3333, 0.0]))
+        torch.testing.assert_close(layer.direct_bias, torch.tensor([-6.0, -4.0, -2.0, 0.0]))
+        assert torch.all(layer.transition_bias == 1.0)  # the paper's critical transitions are kept
+    paper = MoleculeModel(**KW, plstm_kwargs=dict(source_bias=-4.0, mark_bias=-4.0, direct_bias=-6.0))
+    assert all(torch.all(b.layer.source_bias == -4.0) and torch.all(b.layer.direct_bias == -6.0)
+               for b in paper.backbone.blocks)
+
+
+def test_ema_follows_the_weights_and_is_what_predicts():
+    torch.manual_seed(0)
+    lit = MoleculeLitModule(KW, "regression", [1.0], [2.0], ema_decay=0.5)
+    assert lit.eval_model() is lit.ema_model
+    opt_params = {id(p) for g in lit.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in lit.model.parameters()}  # the average is never optimised
+    assert not any(p.requires_grad for p in lit.ema_model.parameters())
+    w, we = lit.model.head[0].weight, lit.ema_model.head[0].weight
+    start = we.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    lit.update_ema()  # step 0: decay min(0.5, 1/10) = 0.1
+    torch.testing.assert_close(we, 0.1 * start + 0.9 * w.detach())
+    lit.update_ema()  # step 1: min(0.5, 2/11)
+    d = 2.0 / 11.0
+    torch.testing.assert_close(we, d * (0.1 * start + 0.9 * w.detach()) + (1 - d) * w.detach())
+    batch = next(iter(DataLoader([smiles_to_dag("CCO"), smiles_to_dag("c1ccccc1O")], batch_size=2)))
+    lit.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lit.predict_batch(batch), lit.ema_model(batch) * 2.0 + 1.0)
+
+
+def test_no_ema_by_argument_means_the_model_itself():
+    lit = MoleculeLitModule(KW, "regression", [0.0], [1.0])
+    assert lit.ema_model is None and lit.eval_model() is lit.model
+    lit.update_ema()  # a no-op
+    with pytest.raises(ValueError, match="ema_decay"):
+        MoleculeLitModule(KW, "regression", [0.0], [1.0], ema_decay=1.0)
+
+
+def test_cli_recipe_flags_default_to_train_config_and_pass_through():
+    from plstm_graph.cli import build_parser
+
+    args = build_parser().parse_args(["train"])
+    cfg = TrainConfig()
+    assert (args.warmup_epochs, args.ema_decay, args.grad_clip) == (cfg.warmup_epochs, cfg.ema_decay, cfg.grad_clip)
+    from plstm_graph.train.cli import _config
+
+    args = build_parser().parse_args(["train", "--warmup-epochs", "3", "--ema-decay", "0.9", "--grad-clip", "2"])
+    got = _config(args, "plstm", 0, "out")
+    assert (got.warmup_epochs, got.ema_decay, got.grad_clip) == (3, 0.9, 2.0)
+
+
+@pytest.mark.parametrize("field,value", [("ema_decay", 1.0), ("grad_clip", -1.0), ("warmup_epochs", -1)])
+def test_bad_recipe_values_are_rejected(field, value):
+    with pytest.raises(ValueError):
+        dataclasses.replace(TrainConfig(), **{field: value}).validate()
+
+
+def test_select_last_trains_every_epoch_and_keeps_the_last_weights(tmp_path):
+    from plstm_graph.train.run import train_run
+
+    smiles = ["CCO", "CCN", "CCC", "CCCC", "CCCO", "CC(C)O", "c1ccccc1", "c1ccccc1O", "c1ccccc1N", "CC(=O)O",
+              "OCCO", "NCCN"]
+    path = tmp_path / "m.csv"
+    path.write_text("smiles,y\n" + "\n".join(f"{s},{0.3 * len(s)}" for s in smiles) + "\n")
+    cfg = TrainConfig(dataset=None, csv=str(path), smiles_column="smiles", target_columns=["y"], split="random",
+                      epochs=3, hidden=8, num_layers=2, num_heads=2, batch_size=4, select="last", patience=0,
+                      out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), progress=False)
+    result = train_run(cfg)
+    assert result["epochs_run"] == 3  # patience 0 would have stopped a "best" run after one bad epoch
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
