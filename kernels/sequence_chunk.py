@@ -474,10 +474,25 @@ class _SeqChunk(torch.autograd.Function):
         return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None, None
 
 
+def block_pointers_supported() -> bool:
+    """Whether the installed triton still has ``tl.make_block_ptr`` (removed in Triton 3.9 in favour of tensor
+    descriptors). These kernels use block pointers; with Triton >= 3.9 the dispatcher falls back to the
+    recurrent scan (correct, slower) and ``pyproject.toml`` pins ``triton < 3.9``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("triton").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) < (3, 9)
+
+
 def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens) -> bool:
-    """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256 and
-    every transition > 0 (a device sync on the transition tensor)."""
+    """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256,
+    every transition > 0 (a device sync on the transition tensor) and a triton with block pointers."""
     if cu_seqlens is not None or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if not block_pointers_supported():
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
