@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from plstm_graph.kernels import sequence as kseq  # noqa: E402
 from plstm_graph.kernels import sequence_chunk as kchunk  # noqa: E402
-from plstm_graph.ops.sequence import retention  # noqa: E402
+from plstm_graph.ops.sequence import retention, retention_gammas  # noqa: E402
 
 
 def sync():
@@ -98,9 +98,8 @@ def main():
 
         def ours(q, k, v):
             if ARGS.segment is not None:  # the kernel directly, retention's scale and gates spelled out
-                gamma = 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32, device=q.device))
                 one = torch.ones(B, T, H, device=q.device)
-                tau = gamma.expand(B, T, H)
+                tau = retention_gammas(H, device=q.device).expand(B, T, H)
                 return kchunk.plstm_sequence_chunk_triton(q * K ** -0.5, k, v, one, tau, tau, one, chunk_size=cs,
                                                           segment=ARGS.segment)[0]
             return retention(q, k, v, chunk_size=cs, backend="triton")[0]

@@ -34,6 +34,7 @@ arguments; only head dims, block sizes and dtype-derived flags are compile-time 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -474,10 +475,12 @@ class _SeqChunk(torch.autograd.Function):
         return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None, None
 
 
+@functools.lru_cache(maxsize=None)
 def block_pointers_supported() -> bool:
     """Whether the installed triton still has ``tl.make_block_ptr`` (removed in Triton 3.9 in favour of tensor
     descriptors). These kernels use block pointers; with Triton >= 3.9 the dispatcher falls back to the
-    recurrent scan (correct, slower) and ``pyproject.toml`` pins ``triton < 3.9``."""
+    recurrent scan (correct, slower) and ``pyproject.toml`` pins ``triton < 3.9``. Read once per process (the
+    package metadata lookup costs about a millisecond, and the dispatcher asks on every call)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
