@@ -70,6 +70,8 @@ def main(argv=None):
                    help="tl.dot precision of the Triton kernels for float32 (default: kernels.grid.DOT_PRECISION)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one fwd+bwd per row")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the error column (output and input gradients vs a float64 run of the torch path)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,8 +90,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"plstm_grid forward+backward, float32, one orientation, {HEADS} heads, device {name}")
     print()
-    print("| grid | batch x heads | K = V | tile | ms | peak MB | anchor ms | speed-up vs anchor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| grid | batch x heads | K = V | tile | ms | peak MB | anchor ms | speed-up vs anchor | rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side, bh, dk, anchor in SHAPES:
         if side not in sizes:
             continue
@@ -105,14 +107,30 @@ def main(argv=None):
                 op = lambda *a: fn(*a, backend="tiled", tile=tile, use_triton=use_triton)  # noqa: E731
                 ms = bench(op, x, device, args.reps)
             except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
-                print(f"| {side}x{side} | {bh} | {dk} | {tile} | OOM | | | |")
+                print(f"| {side}x{side} | {bh} | {dk} | {tile} | OOM | | | | |")
                 continue
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
             ratio = f"{anchor / ms:.1f}x" if anchor and not args.small else "-"
-            print(f"| {side}x{side} | {bh} | {dk} | {tile} | {ms:.2f} | {mem:.0f} | {anchor or '-'} | {ratio} |",
+            err = "-" if args.no_check else f"{rel_error(op, x, tile):.1e}"
+            print(f"| {side}x{side} | {bh} | {dk} | {tile} | {ms:.2f} | {mem:.0f} | {anchor or '-'} | {ratio} | {err} |",
                   flush=True)
             if args.profile:
                 profile(op, x, device, args.profile_rows, f"{side}x{side} tile {tile}")
+
+
+def rel_error(op, x, tile) -> float:
+    """Largest relative error (max abs error / max abs value) of the output and of the q, k, v and gate
+    gradients of ``op`` against the torch tiled path in float64 (same tile), for one random cotangent."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    leaves = [t.detach().clone().requires_grad_(True) for t in x]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in x]
+    y = op(*leaves)
+    y_ref = plstm_grid(*ref_leaves, backend="tiled", tile=tile, use_triton=False)
+    w = torch.randn(y.shape, generator=g).to(y.device)
+    grads = torch.autograd.grad((y * w).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * w.double()).sum(), ref_leaves)
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    return max([rel(y, y_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)])
 
 
 def profile(fn, args, device, rows, title):

@@ -25,6 +25,8 @@ p.add_argument("--with-scan", action="store_true", help="also time the Triton re
 p.add_argument("--no-torch", action="store_true", help="skip the torch chunkwise column (slow to time at T=32k)")
 p.add_argument("--no-gated", action="store_true", help="skip the gated (data-dependent transition) table")
 p.add_argument("--segment", type=int, default=None, help="force the state passes' segment length in chunks")
+p.add_argument("--shapes", default=None, help="only these shapes, e.g. '4,8192,8,128,256;1,32768,8,128,128'")
+p.add_argument("--no-fla", action="store_true", help="skip fla even if installed (its first calls autotune for minutes)")
 ARGS = p.parse_args()
 if ARGS.device == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -80,7 +82,15 @@ def main():
     iters, cs = ARGS.iters, ARGS.chunk_size
     if ARGS.small:
         shapes, iters, cs = [(1, 40, 2, 16, 32), (1, 70, 1, 32, 16)], 1, 16
+    if ARGS.shapes:
+        try:
+            shapes = [tuple(int(x) for x in sh.split(",")) for sh in ARGS.shapes.split(";")]
+            assert all(len(sh) == 5 for sh in shapes)
+        except (ValueError, AssertionError):
+            p.error(f"--shapes: expected 'B,T,H,K,V;...', got {ARGS.shapes!r}")
     try:
+        if ARGS.no_fla:
+            raise ImportError
         from fla.ops.retention import chunk_retention
     except ImportError:
         chunk_retention = None

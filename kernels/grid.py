@@ -43,12 +43,14 @@ def _import_triton():
 
 
 __all__ = ["available", "supported", "scatter_boundary", "read_boundary", "scatter_boundary_reference",
-           "read_boundary_reference", "MAX_HEAD_DIM", "DOT_PRECISION"]
+           "read_boundary_reference", "wavefront_triton", "MAX_HEAD_DIM", "DOT_PRECISION"]
 
 MAX_HEAD_DIM = 128
 # tl.dot input precision for float32 operands on a GPU: "ieee" (exact fp32 FMA, the default), "tf32x3"
 # (tensor cores, ~fp32 accuracy) or "tf32" (fastest, ~1e-3 relative). The CPU interpreter always uses ieee.
 DOT_PRECISION = os.environ.get("PLSTM_GRID_DOT_PRECISION", "ieee")
+# node block of the read kernel (0 = the default rule of _nblock); a tuning knob for benchmarks/grid.py
+READ_BLOCK_N = int(os.environ.get("PLSTM_GRID_READ_BN", "0"))
 
 _HELPERS = ("_dot",)
 
@@ -107,9 +109,10 @@ def _scatter_kernel(s, x, z, c, N, A, s_sw, s_sa, s_sn, x_sw, x_sn, z_sw, z_sn, 
 def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c_sa, c_sx, c_sz, o_sw, o_sn,
                  u_sw, u_sn, g_sw, g_sn, g_sa,
                  KX: tl.constexpr, KZ: tl.constexpr, BN: tl.constexpr, BKX: tl.constexpr, BKZ: tl.constexpr,
-                 WGRAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 BA: tl.constexpr, WGRAD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program ``w * nblocks + node block`` (1-D grid): ``out[w, nodes] = sum_a (x o M_a) C_a`` (all of KX and
-    KZ in one program), with ``WGRAD`` also ``g[w, nodes, a] = rowsum(u o (x C_a))``."""
+    KZ in one program), with ``WGRAD`` also ``g[w, nodes, a] = rowsum(u o (x C_a))`` (all ``a < A <= BA`` kept in
+    registers and stored once: column-by-column stores would be strided)."""
     nblocks = tl.cdiv(N, BN)
     pid = tl.program_id(0).to(tl.int64)
     w = pid // nblocks
@@ -127,6 +130,9 @@ def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c
     cmask = mx[:, None] & mz[None, :]
     cptr = c + w * c_sw + offx[:, None] * c_sx + offz[None, :] * c_sz
     mptr = m + w * m_sw + offn * m_sn
+    if WGRAD:
+        offa = tl.arange(0, BA)
+        gacc = tl.zeros([BN, BA], dtype=acc.dtype)  # g of this node block, stored once at the end
     a = 0
     while a < A:
         mv = tl.load(mptr + a * m_sa, mask=mn, other=0.0)
@@ -134,11 +140,92 @@ def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c
         if WGRAD:
             t = _dot(xb, cb, tl.zeros([BN, BKZ], dtype=acc.dtype), PREC, UPCAST)
             acc += mv[:, None] * t
-            tl.store(g + w * g_sw + offn * g_sn + a * g_sa, tl.sum(ub * t, axis=1), mask=mn)
+            gacc = tl.where(offa[None, :] == a, tl.sum(ub * t, axis=1)[:, None], gacc)
         else:
             acc = _dot(xb * mv[:, None], cb, acc, PREC, UPCAST)
         a += 1
     tl.store(out + w * o_sw + offn[:, None] * o_sn + offz[None, :], acc, mask=mn[:, None] & mz[None, :])
+    if WGRAD:
+        tl.store(g + w * g_sw + offn[:, None] * g_sn + offa[None, :] * g_sa, gacc,
+                 mask=mn[:, None] & (offa < A)[None, :])
+
+
+def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
+                     BA: tl.constexpr, BKV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program ``(bh, kv-block)`` walks the tiles in row-major order: ``Cout = Tb @ Cin + Cloc``; the right-edge
+    rows (``< Py``) of ``Cout`` go to the right neighbour's ``Cin``, the down-edge rows to the bottom
+    neighbour's. ``cin`` must be zero on entry (grid border). ``pos[ty * nxt + tx]`` = the tile's position in
+    the (anti-diagonal) storage order. A CTA barrier after each tile makes its stores visible to the next
+    tile's loads (the same program reads them)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    offa = tl.arange(0, BA)
+    ma = offa < A
+    mk = offk < KV
+    m2 = ma[:, None] & mk[None, :]
+    rows_r = (offa < Py)[:, None] & m2
+    rows_d = (offa >= Py)[:, None] & m2
+    blk = offa[:, None] * KV + offk[None, :]
+    tbo = offa[:, None] * A + offa[None, :]
+    ty = 0
+    while ty < nyt:
+        tx = 0
+        while tx < nxt:
+            r = ty * nxt + tx
+            p = tl.load(pos + r).to(tl.int64)
+            base = (p * BH + bh) * A
+            c = tl.load(cin + base * KV + blk, mask=m2, other=0.0)
+            t = tl.load(tb + base * A + tbo, mask=ma[:, None] & ma[None, :], other=0.0)
+            out = tl.load(cloc + base * KV + blk, mask=m2, other=0.0)
+            out = _dot(t, c, out, PREC, UPCAST)
+            has_r = tx + 1 < nxt
+            has_d = ty + 1 < nyt
+            pr = tl.load(pos + r + 1, mask=has_r, other=0).to(tl.int64)
+            pd = tl.load(pos + r + nxt, mask=has_d, other=0).to(tl.int64)
+            tl.store(cin + (pr * BH + bh) * A * KV + blk, out, mask=rows_r & has_r)
+            tl.store(cin + (pd * BH + bh) * A * KV + blk, out, mask=rows_d & has_d)
+            tl.debug_barrier()
+            tx += 1
+        ty += 1
+
+
+def _wave_bwd_kernel(tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV,
+                     BA: tl.constexpr, BKV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Reverse of :func:`_wave_fwd_kernel` (tiles in reverse row-major order): ``gout`` of a tile = the right
+    neighbour's total entering adjoint (rows ``< Py``) and the bottom neighbour's (rows ``>= Py``); then
+    ``gin += Tb^T gout``. ``gin`` holds ``dCin`` on entry and the total adjoints of the entering states on
+    exit; ``gout`` (= ``dCloc``) is written for every tile."""
+    bh = tl.program_id(0).to(tl.int64)
+    offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    offa = tl.arange(0, BA)
+    ma = offa < A
+    mk = offk < KV
+    m2 = ma[:, None] & mk[None, :]
+    rows_r = (offa < Py)[:, None] & m2
+    rows_d = (offa >= Py)[:, None] & m2
+    blk = offa[:, None] * KV + offk[None, :]
+    tbt = offa[None, :] * A + offa[:, None]  # Tb transposed
+    ty = nyt - 1
+    while ty >= 0:
+        tx = nxt - 1
+        while tx >= 0:
+            r = ty * nxt + tx
+            p = tl.load(pos + r).to(tl.int64)
+            base = (p * BH + bh) * A
+            has_r = tx + 1 < nxt
+            has_d = ty + 1 < nyt
+            pr = tl.load(pos + r + 1, mask=has_r, other=0).to(tl.int64)
+            pd = tl.load(pos + r + nxt, mask=has_d, other=0).to(tl.int64)
+            go = tl.load(gin + (pr * BH + bh) * A * KV + blk, mask=rows_r & has_r, other=0.0)
+            go += tl.load(gin + (pd * BH + bh) * A * KV + blk, mask=rows_d & has_d, other=0.0)
+            tl.store(gout + base * KV + blk, go, mask=m2)
+            t = tl.load(tb + base * A + tbt, mask=ma[:, None] & ma[None, :], other=0.0)
+            g = tl.load(gin + base * KV + blk, mask=m2, other=0.0)
+            g = _dot(t, go, g, PREC, UPCAST)
+            tl.store(gin + base * KV + blk, g, mask=m2)
+            tl.debug_barrier()
+            tx -= 1
+        ty -= 1
 
 
 def _prec(dtype) -> str:
@@ -179,11 +266,12 @@ def _read(M: torch.Tensor, x: torch.Tensor, C: torch.Tensor, u: torch.Tensor = N
     wgrad = u is not None
     if not wgrad:
         u, g = out, M  # unused pointers
-    bn = _nblock(N, max(KX, KZ))
+    bn = READ_BLOCK_N or _nblock(N, max(KX, KZ))
     _jit(_read_kernel)[(W * (-(-N // bn)),)](M, x, C, out, u, g, N, A, *M.stride(), x.stride(0), x.stride(1),
                                           *C.stride(), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
                                           *g.stride(), KX=KX, KZ=KZ, BN=bn, BKX=max(16, _pow2(KX)),
-                                          BKZ=max(16, _pow2(KZ)), WGRAD=wgrad, PREC=_prec(x.dtype),
+                                          BKZ=max(16, _pow2(KZ)), BA=_pow2(A) if wgrad else 1, WGRAD=wgrad,
+                                          PREC=_prec(x.dtype),
                                           UPCAST=_interpreting())
     return out
 
@@ -231,6 +319,57 @@ class _ReadBoundary(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dC = _scatter(M.transpose(1, 2), x, dout)
         return dM, dx, dC
+
+
+def _wave_blocks(BH: int, A: int, KV: int):
+    """``(BA, BKV, grid)``: the boundary padded to >= 16 rows (``tl.dot``), KV blocks small enough for >= ~1k
+    programs (one program walks every tile sequentially, so parallelism comes from (bh, kv-block) only)."""
+    ba = max(16, _pow2(A))
+    bkv = 64
+    while bkv > 16 and BH * (-(-KV // bkv)) < 1024:
+        bkv //= 2
+    return ba, bkv, (BH, -(-KV // bkv))
+
+
+class _WavefrontTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Tb, cloc, Py, nyt, nxt, pos):
+        T, BH, A, KV = cloc.shape
+        cin = torch.zeros_like(cloc)
+        ba, bkv, grid = _wave_blocks(BH, A, KV)
+        if T and BH and KV:
+            _jit(_wave_fwd_kernel)[grid](Tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV, BA=ba, BKV=bkv,
+                                         PREC="ieee", UPCAST=_interpreting())
+        ctx.save_for_backward(Tb, cin, pos)
+        ctx.meta = (Py, nyt, nxt)
+        return cin
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dcin):
+        Tb, cin, pos = ctx.saved_tensors
+        Py, nyt, nxt = ctx.meta
+        T, BH, A, KV = cin.shape
+        gin = dcin.clone(memory_format=torch.contiguous_format)
+        gout = torch.empty_like(gin)
+        ba, bkv, grid = _wave_blocks(BH, A, KV)
+        if T and BH and KV:
+            _jit(_wave_bwd_kernel)[grid](Tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV, BA=ba, BKV=bkv,
+                                         PREC="ieee", UPCAST=_interpreting())
+        dTb = None
+        if ctx.needs_input_grad[0]:
+            dTb = torch.bmm(gout.flatten(0, 1), cin.flatten(0, 1).transpose(1, 2)).view_as(Tb)
+        return dTb, gout, None, None, None, None
+
+
+def wavefront_triton(Tb: torch.Tensor, cloc: torch.Tensor, Py: int, nyt: int, nxt: int,
+                     pos: torch.Tensor) -> torch.Tensor:
+    """The tile wavefront of the grid operator in one kernel launch per pass (differentiable in ``Tb`` and
+    ``cloc``). Same contract as :func:`plstm_graph.ops.grid.tiled.wavefront`: ``Tb [T, BH, A, A]``,
+    ``cloc [T, BH, A, KV]`` (tiles in storage order) -> ``Cin [T, BH, A, KV]``; ``pos [nyt * nxt]`` (integer)
+    maps a row-major tile index to its storage position. Float32 CUDA tensors (float32/64 under the CPU
+    interpreter); the ``Tb @ Cin`` products are exact fp32 (``ieee``) dots."""
+    return _WavefrontTriton.apply(Tb.contiguous(), cloc.contiguous(), Py, nyt, nxt, pos)
 
 
 def supported(x: torch.Tensor, z: torch.Tensor) -> bool:

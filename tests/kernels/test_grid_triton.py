@@ -95,3 +95,21 @@ def test_use_triton_rejects_unsupported():
         plstm_grid(*inputs, tile=2, use_triton=True)
     y = plstm_grid(*inputs, tile=2)  # the default falls back to torch
     assert y.shape == (1, 4, 4, 1, 2)
+
+
+# (nyt, nxt, Py, A, BH, KV): one row / one column of tiles, A < 16 and A = 16 (dot padding), a KV that is not a
+# multiple of the KV block, several (bh, kv-block) programs
+WAVE_SHAPES = [(3, 4, 2, 5, 2, 6), (1, 5, 1, 3, 1, 4), (4, 1, 3, 4, 3, 20), (2, 3, 8, 16, 2, 70)]
+
+
+@pytest.mark.parametrize("nyt,nxt,Py,A,BH,KV", WAVE_SHAPES)
+def test_wavefront_kernel_matches_reference(nyt, nxt, Py, A, BH, KV):
+    from plstm_graph.ops.grid.tiled import _diagonal_plan, _tile_positions, wavefront_reference
+
+    T = nyt * nxt
+    tys, txs, _ = _diagonal_plan(nyt, nxt)
+    pos = _tile_positions(tys, txs, nxt, DEVICE)
+    Tb = _randn(T, BH, A, A, seed=7) * 0.4  # a product of many Tb would blow up at scale 1
+    cloc = _randn(T, BH, A, KV, seed=8)
+    _check(lambda a, b: kgrid.wavefront_triton(a, b, Py, nyt, nxt, pos),
+           lambda a, b: wavefront_reference(a, b, Py, nyt, nxt), [Tb, cloc], ["Tb", "cloc"])

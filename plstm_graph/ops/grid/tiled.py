@@ -301,12 +301,17 @@ def _to_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
     return t[idx_y, idx_x].reshape(len(tys) * B * H, Py * Px, f)
 
 
+def _tile_positions(tys, txs, nxt: int, device) -> torch.Tensor:
+    """``pos [nyt * nxt]`` int32: the storage position (anti-diagonal order) of every tile in row-major order."""
+    return _cached_index(("inv", tys, txs), device,
+                         lambda: sorted(range(len(tys)), key=lambda p: tys[p] * nxt + txs[p]))
+
+
 def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: int, tys, txs) -> torch.Tensor:
     """Inverse of :func:`_to_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]``."""
     nyt, nxt = -(-Y // Py), -(-X // Px)
     f = t.shape[-1]
-    inv = _cached_index(("inv", tys, txs), t.device,
-                        lambda: sorted(range(len(tys)), key=lambda p: tys[p] * nxt + txs[p]))  # row-major -> position
+    inv = _tile_positions(tys, txs, nxt, t.device)  # row-major -> position
     t = t.reshape(len(tys), B, H, Py, Px, f)[inv].reshape(nyt, nxt, B, H, Py, Px, f)
     return t.permute(2, 0, 4, 1, 5, 3, 6).reshape(B, nyt * Py, nxt * Px, H, f)[:, :Y, :X]
 
@@ -423,13 +428,20 @@ def plstm_grid_tiled(q, k, v, source_r, source_d, trans_rr, trans_rd, trans_dd, 
     y = torch.bmm(qk * G, Vw)  # intra-tile paths
     y = y + (gates[..., 8] * torch.diagonal(qk, dim1=1, dim2=2))[..., None] * Vw  # direct: d_n (q_n . k_n) v_n
     if nyt * nxt > 1:
-        if _use_triton(q, v, use_triton):
+        triton = _use_triton(q, v, use_triton)
+        if triton:
             from ...kernels.grid import read_boundary, scatter_boundary
         else:
             from ...kernels.grid import read_boundary_reference as read_boundary
             from ...kernels.grid import scatter_boundary_reference as scatter_boundary
         c_loc = scatter_boundary(Sout, Kw, Vw)  # [W, A, K, V] tile's own part of its leaving states
         T = nyt * nxt
-        c_in = wavefront(Tb.reshape(T, B * H, A, A), c_loc.reshape(T, B * H, A, dk * dv), Py, nyt, nxt)
+        Tb, c_loc = Tb.reshape(T, B * H, A, A), c_loc.reshape(T, B * H, A, dk * dv)
+        if triton:  # one launch per pass, tiles walked in row-major order
+            from ...kernels.grid import wavefront_triton
+
+            c_in = wavefront_triton(Tb, c_loc, Py, nyt, nxt, _tile_positions(tys, txs, nxt, q.device))
+        else:
+            c_in = wavefront(Tb, c_loc, Py, nyt, nxt)
         y = y + read_boundary(Min, Qw, c_in.view(W, A, dk, dv))
     return _from_tiles(y, B, H, Y, X, Py, Px, tys, txs)
