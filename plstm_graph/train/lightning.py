@@ -100,6 +100,15 @@ class MoleculeLitModule(pl.LightningModule):
     def _scaled_target(self, y: torch.Tensor) -> torch.Tensor:
         return (y - self.target_mean) / self.target_std if self.task == "regression" else y
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """pLSTM batches: schedules and Triton plans are built on the CPU batch, then moved with it
+        (:func:`~plstm_graph.graph.prepare_batch`), so the step on the GPU never syncs for them."""
+        from plstm_graph.graph import DAGData, prepare_batch
+
+        if isinstance(batch, DAGData) and self.model.model_name == "plstm":
+            return prepare_batch(batch, device, keys=self.model)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # -- steps
     def training_step(self, batch, batch_idx):
         loss = masked_loss(self.task, self.model(batch), self._scaled_target(batch.y))
