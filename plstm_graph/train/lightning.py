@@ -29,12 +29,15 @@ def masked_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Te
         4.0
     """
     mask = ~torch.isnan(target)
-    if not mask.any():
-        return pred.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
-    p, t = pred[mask].float(), target[mask].float()
+    # masked by torch.where, not boolean indexing or `if mask.any()`: both copy to the host (a device sync
+    # in every GPU training step); with no label at all the loss is 0 and still depends on pred (DDP needs
+    # every parameter used)
+    p, t = pred.float(), torch.where(mask, target, 0.0).float()
     if task == "regression":
-        return torch.nn.functional.mse_loss(p, t)
-    return torch.nn.functional.binary_cross_entropy_with_logits(p, t)
+        per = (p - t) ** 2
+    else:
+        per = torch.nn.functional.binary_cross_entropy_with_logits(p, t, reduction="none")
+    return torch.where(mask, per, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 class MoleculeLitModule(pl.LightningModule):
