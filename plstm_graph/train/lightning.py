@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -16,6 +17,9 @@ from plstm_graph.models.molecule import MoleculeModel
 from .metrics import compute_metrics, primary_metric
 
 __all__ = ["MoleculeLitModule", "MoleculeDataModule", "masked_loss"]
+
+# MoleculeLitModule.transfer_batch_to_device is meant to be used with MoleculeDataModule (which keeps the default)
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule` but")
 
 
 def masked_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
