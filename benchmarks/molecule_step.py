@@ -13,7 +13,8 @@ For each model it prints
   plans built on the CPU, then moved; plain ``batch.to`` for GIN and with ``--prepare off``), ``forward``
   (model + loss), ``backward``, ``optimizer`` (clip, AdamW step, zero_grad);
 * **step** (ms per step, no synchronisation inside the step: the number that throughput sees);
-* **counts per step** from ``torch.profiler``: ``aten::`` ops (CPU), and on CUDA ``cudaStreamSynchronize``,
+* **counts per step** from ``torch.profiler``: ``aten::`` ops (CPU; all, and without views / empty
+  allocations, i.e. roughly the ops that launch a kernel), and on CUDA ``cudaStreamSynchronize``,
   ``cudaMemcpyAsync``, ``cudaLaunchKernel``, plus the warnings of ``torch.cuda.set_sync_debug_mode("warn")``
   (syncs torch itself knows about: ``.item()``, ``.cpu()``, ``nonzero``, ...).
 
@@ -31,6 +32,14 @@ import warnings
 from collections import Counter
 
 os.environ.setdefault("OUTDATED_IGNORE", "1")
+
+
+# ops that never launch a kernel (views, metadata): left out of the second op count
+_VIEW_OPS = {f"aten::{k}" for k in (
+    "as_strided", "view", "reshape", "select", "slice", "t", "transpose", "permute", "expand", "expand_as",
+    "unsqueeze", "squeeze", "detach", "alias", "resolve_conj", "resolve_neg", "lift_fresh", "_unsafe_view",
+    "unbind", "split", "narrow", "view_as", "contiguous", "result_type", "empty", "empty_strided", "empty_like",
+    "new_empty", "_reshape_alias", "flatten", "chunk", "split_with_sizes", "is_nonzero", "size", "stride")}
 
 
 def _sync(device):
@@ -152,7 +161,9 @@ def run_model(name, graphs, args, device):
             torch.cuda.set_sync_debug_mode(0)
     names = Counter(e.name for e in prof.events())
     n = max(len(prof_batches), 1)
-    counts = {"aten ops": sum(c for k, c in names.items() if k.startswith("aten::")) / n}
+    aten = {k: c for k, c in names.items() if k.startswith("aten::")}
+    counts = {"aten ops": sum(aten.values()) / n,
+              "aten ops w/o views": sum(c for k, c in aten.items() if k not in _VIEW_OPS) / n}
     if device.type == "cuda":
         for k in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel"):
             counts[k] = sum(c for name_, c in names.items() if name_.startswith(k)) / n
