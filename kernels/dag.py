@@ -234,7 +234,12 @@ def _csr_by(keys: torch.Tensor, num: int):
 
 
 def _plan(schedule, strategy: str) -> dict:
-    """Index arrays of one strategy, built once on the CPU and cached in ``schedule.cache``."""
+    """Index arrays of one strategy, built once on the CPU and cached in ``schedule.cache``.
+
+    Works on a schedule of any device; for a CUDA schedule it copies the schedule to the host (syncs), so
+    training loops build it on the CPU batch first (:func:`plstm_graph.graph.prepare_batch`) and move it:
+    entries ending in ``_cpu`` stay on the host (the launch loop reads them), the rest moves.
+    """
     key = "triton_" + strategy
     plan = schedule.cache.get(key)
     if plan is not None:
@@ -406,7 +411,7 @@ def _liveness(schedule, plan):
     """Per position: tail level, head level, first predecessor level; and the live counts across every
     level boundary ``c``: forward carry ``#{a: lvl_t(a) < c <= lvl_h(a)}`` and backward carry
     ``#{b: first_pred(b) < c <= lvl_t(b)}`` (lists of length ``num_levels + 1``)."""
-    live = plan.get("liveness")
+    live = plan.get("liveness_cpu")
     if live is not None:
         return live
     E, nl = schedule.num_edges, schedule.num_levels
@@ -426,7 +431,7 @@ def _liveness(schedule, plan):
         return (torch.cumsum(born, 0) - torch.cumsum(dies, 0)).tolist()
 
     live = dict(lvl_t=lvl_t, lvl_h=lvl_h, first_pred=first_pred, x=across(lvl_t, lvl_h), d=across(first_pred, lvl_t))
-    plan["liveness"] = live
+    plan["liveness_cpu"] = live  # host tensors: DAGSchedule.to keeps *_cpu entries
     return live
 
 

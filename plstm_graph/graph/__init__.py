@@ -7,10 +7,12 @@ from .schedule import DAGSchedule
 
 __all__ = [
     "compile_dag", "orient_undirected", "DAGSchedule",
-    "DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key",
+    "DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key", "prepare_batch",
+    "schedule_requirements",
 ]
 
-_LAZY = {"DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key"}
+_LAZY = {"DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key", "prepare_batch",
+         "schedule_requirements"}
 
 
 def __getattr__(name):

@@ -11,7 +11,7 @@ sort of the levels, no recompilation. The result equals compiling the disjoint u
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch_geometric.data import Data
@@ -19,7 +19,8 @@ from torch_geometric.data import Data
 from .compile import compile_dag
 from .schedule import DAGSchedule
 
-__all__ = ["DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key"]
+__all__ = ["DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key", "prepare_batch",
+           "schedule_requirements"]
 
 
 def schedule_key(mode: str, reverse: bool = False) -> str:
@@ -143,3 +144,170 @@ def schedule_from_batch(batch: Data, mode: str = "P", reverse: bool = False) -> 
         graph_id=gid,
         num_graphs=num_graphs,
     )
+
+
+# ------------------------------------------------------------------------------------------ device transfer
+ScheduleKeys = Union[None, "torch.nn.Module", Iterable[Union[str, Tuple[str, bool]]]]
+
+
+def schedule_requirements(keys: ScheduleKeys, batch: Optional[Data] = None) -> Tuple[List[Tuple[str, bool]], Set[str]]:
+    """The ``(mode, reverse)`` schedules and the operator backends that ``keys`` needs.
+
+    ``keys``: a model (its :class:`~plstm_graph.nn.PLSTMGraphLayer` modules are read: ``mode``, ``reverse``,
+    ``backend``), an iterable of ``(mode, reverse)`` pairs or schedule keys (``"P"``, ``"D_rev"``), or
+    ``None``: every schedule ``batch`` carries, backend ``"auto"``.
+    """
+    out: List[Tuple[str, bool]] = []
+    backends: Set[str] = set()
+    if keys is None:
+        for mode in ("P", "D"):
+            for rev in (False, True):
+                if batch is not None and getattr(batch, f"{schedule_key(mode, rev)}_line_index", None) is not None:
+                    out.append((mode, rev))
+        backends.add("auto")
+    elif isinstance(keys, torch.nn.Module):
+        from ..nn.graph import PLSTMGraphLayer
+
+        for m in keys.modules():
+            if isinstance(m, PLSTMGraphLayer):
+                if (m.mode, bool(m.reverse)) not in out:
+                    out.append((m.mode, bool(m.reverse)))
+                backends.add(m.backend)
+    else:
+        for k in keys:
+            pair = (k[:1], k.endswith("_rev")) if isinstance(k, str) else (str(k[0]), bool(k[1]))
+            schedule_key(*pair)  # validates the mode
+            if pair not in out:
+                out.append(pair)
+        backends.add("auto")
+    return out, backends
+
+
+def _wants_triton_plans(device: torch.device, backends: Set[str]) -> bool:
+    if device.type == "cuda":
+        wanted = bool(backends & {"auto", "triton"})
+    elif device.type == "cpu":  # the CPU interpreter runs the triton backend only when asked for
+        wanted = "triton" in backends
+    else:
+        return False
+    if not wanted:
+        return False
+    from ..ops.dag import _triton_dag_available
+
+    return _triton_dag_available()
+
+
+_ALIGN = 64  # bytes; every packed tensor starts aligned (Triton specialises kernels on 16-byte alignment)
+
+
+def _pack_to(tensors: Sequence[torch.Tensor], device: torch.device, pin: bool) -> List[torch.Tensor]:
+    """Move CPU tensors to ``device`` with ONE host-to-device copy: their bytes are packed into one (pinned)
+    buffer, copied asynchronously, and every result is a contiguous view of the device buffer."""
+    pieces, spans, off = [], [], 0
+    pad = torch.zeros(_ALIGN, dtype=torch.uint8)
+    for t in tensors:
+        t = t.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        spans.append((off, nbytes, t.dtype, t.shape))
+        if nbytes:
+            pieces.append(t.view(-1).view(torch.uint8))
+            off += nbytes
+            if off % _ALIGN:
+                pieces.append(pad[: _ALIGN - off % _ALIGN])
+                off += _ALIGN - off % _ALIGN
+    if not pieces:
+        return [torch.empty(shape, dtype=dt, device=device) for _, _, dt, shape in spans]
+    host = torch.empty(off, dtype=torch.uint8, pin_memory=pin)
+    torch.cat(pieces, out=host)
+    dev = host.to(device, non_blocking=True)
+    return [dev[o: o + n].view(dt).view(shape) if n else torch.empty(shape, dtype=dt, device=device)
+            for o, n, dt, shape in spans]
+
+
+def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Optional[bool] = None,
+                  pack: bool = True):
+    """Move a PyG batch to ``device`` with its pLSTM schedules (and Triton index plans) built on the CPU first.
+
+    Building a :class:`DAGSchedule` or a Triton plan from a batch already on the GPU copies index tensors to
+    the host, one device synchronisation each (about a dozen per batch and layer kind). Here the schedules
+    ``keys`` needs are built on the CPU batch, the Triton plans too when the device is CUDA (the ``auto`` and
+    ``triton`` backends use them), and everything (batch, schedules, plans) goes to ``device`` in one
+    packed, pinned, asynchronous copy (``pack=False``: one ``.to`` per tensor). The moved schedules land in
+    the batch's schedule cache, so ``batch.schedule(mode, reverse)`` on the device, as every
+    :class:`~plstm_graph.nn.PLSTMGraphLayer` calls it, returns them as they are: no host sync in the step.
+
+    Args:
+        batch: a (batched) :class:`DAGData` on the CPU; anything else is moved with ``.to(device)``.
+        device: target device.
+        keys: the model (preferred: its layers say which ``(mode, reverse)`` schedules and backends it
+            uses), an iterable of ``(mode, reverse)`` / ``"P_rev"`` keys, or ``None`` (every schedule the
+            batch carries).
+        triton_plans: build the Triton plans (default: when ``device`` is CUDA and triton is available and
+            a layer uses backend ``"auto"`` / ``"triton"``; on the CPU only for ``backend="triton"``, the
+            interpreter).
+
+    Returns the batch on ``device`` (PyG's ``Data.to`` moves in place, so usually the same object).
+
+    Example:
+        >>> import torch
+        >>> from torch_geometric.data import Data
+        >>> from torch_geometric.loader import DataLoader
+        >>> from plstm_graph.graph import attach_schedules, prepare_batch
+        >>> from plstm_graph.nn import PLSTMGraphStack
+        >>> g = attach_schedules(Data(edge_index=torch.tensor([[0, 1], [1, 2]]), num_nodes=3))
+        >>> model = PLSTMGraphStack(dim=8, num_heads=2)
+        >>> batch = prepare_batch(next(iter(DataLoader([g, g], batch_size=2))), "cpu", keys=model)
+        >>> model(torch.randn(6, 8), batch).shape      # schedules come from the batch's cache
+        torch.Size([6, 8])
+    """
+    device = torch.device(device)
+    if not isinstance(batch, DAGData) or batch.edge_index is None or batch.edge_index.device.type != "cpu":
+        return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch
+    needed, backends = schedule_requirements(keys, batch)
+    scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
+    for mode, rev in needed:
+        scheds[(mode, rev)] = batch.schedule(mode, rev)  # built on the CPU (and cached there)
+    if triton_plans is None:
+        triton_plans = _wants_triton_plans(device, backends)
+    if triton_plans and scheds:
+        from ..kernels import dag as _kdag
+
+        for s in scheds.values():
+            _kdag._plan(s, _kdag._choose_strategy(s))
+    if device == batch.edge_index.device:
+        return batch
+    return _move_prepared(batch, scheds, device, pack)
+
+
+def _move_prepared(batch: DAGData, scheds: Dict[Tuple[str, bool], DAGSchedule], device: torch.device,
+                   pack: bool = True) -> DAGData:
+    """Move ``batch`` and its prepared CPU schedules to ``device``; the moved schedules go into the batch's
+    schedule cache under the batch's new device. (Separate from :func:`prepare_batch` so that the tests can
+    run the whole move, packing included, on a CPU-only machine.)"""
+    if not pack:
+        moved = batch.to(device, non_blocking=True)
+        cache = moved.__dict__.setdefault("_schedule_cache", {})
+        for (mode, rev), s in scheds.items():
+            cache[(schedule_key(mode, rev), moved.edge_index.device)] = s.map_tensors(
+                lambda t: t.to(device, non_blocking=True))
+        return moved
+    # one packed copy: batch tensors, then every schedule / plan tensor (shared ones once)
+    unique: Dict[int, torch.Tensor] = {}
+    stores = [(store, k, v) for store in batch.stores for k, v in store.items()
+              if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.requires_grad]
+    for _, _, v in stores:
+        unique.setdefault(id(v), v)
+    for s in scheds.values():
+        for t in s.tensors():
+            unique.setdefault(id(t), t)
+    ids = [i for i, t in unique.items() if t.device.type == "cpu" and t.layout == torch.strided
+           and not t.requires_grad]
+    moved_t = dict(zip(ids, _pack_to([unique[i] for i in ids], device, pin=device.type == "cuda")))
+    lookup = lambda t: moved_t[id(t)] if id(t) in moved_t else t.to(device, non_blocking=True)  # noqa: E731
+    for store, k, v in stores:
+        store[k] = lookup(v)
+    moved = batch.to(device, non_blocking=True)  # anything left (a no-op for the moved tensors)
+    cache = moved.__dict__.setdefault("_schedule_cache", {})
+    for (mode, rev), s in scheds.items():
+        cache[(schedule_key(mode, rev), moved.edge_index.device)] = s.map_tensors(lookup)
+    return moved

@@ -24,7 +24,7 @@ runs together), ``graph_id`` by the number of graphs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,34 @@ def _group_by_level(keys: np.ndarray, num_bins: int):
     ptr = np.zeros(num_bins + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=num_bins), out=ptr[1:])
     return torch.from_numpy(order.astype(np.int64, copy=False)), tuple(ptr.tolist())
+
+
+def _host_key(key) -> bool:
+    return isinstance(key, str) and key.endswith("_cpu")
+
+
+def _map_cache(obj: Any, fn):
+    """``obj`` with ``fn`` applied to every tensor inside (dicts, lists, tuples); ``*_cpu`` dict keys kept."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: (v if _host_key(k) else _map_cache(v, fn)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+        out = [_map_cache(v, fn) for v in obj]
+        return out if isinstance(obj, list) else tuple(out)
+    return obj
+
+
+def _cache_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if not _host_key(k):
+                yield from _cache_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _cache_tensors(v)
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,18 +167,40 @@ class DAGSchedule:
         return self.edge_index.device
 
     # ------------------------------------------------------------------ helpers
-    def to(self, device) -> "DAGSchedule":
-        """A copy of the record with every tensor on ``device`` (plans are moved, not recomputed)."""
+    def to(self, device, non_blocking: bool = False) -> "DAGSchedule":
+        """A copy of the record with every tensor on ``device``; plans are moved, not recomputed.
+
+        The backend ``cache`` moves too (see :meth:`map_tensors`), so index plans built on the CPU (e.g. the
+        Triton plans, by :func:`plstm_graph.graph.prepare_batch`) need no rebuilding, and no host sync, on
+        the device.
+        """
         device = torch.device(device)
         if device == self.device:
             return self
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor :meth:`map_tensors` would map: the fields', then the ``cache``'s (``*_cpu`` excluded)."""
+        for name in self.__dataclass_fields__:
+            val = getattr(self, name)
+            if name == "cache":
+                yield from _cache_tensors(val)
+            elif isinstance(val, torch.Tensor):
+                yield val
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DAGSchedule":
+        """A copy with ``fn`` applied to every tensor field and every tensor of ``cache`` (recursively through
+        dicts, lists and tuples). Cache entries whose key ends in ``_cpu`` are host-side data of a plan (e.g.
+        level pointers read by the launch loop) and are kept as they are; ints, strings and tuples of ints
+        are kept too. Used by :meth:`to` and by :func:`plstm_graph.graph.prepare_batch`."""
         new = object.__new__(DAGSchedule)
         for name in self.__dataclass_fields__:
             val = getattr(self, name)
-            if isinstance(val, torch.Tensor):
-                val = val.to(device)
+            if name == "cache":
+                val = _map_cache(val, fn)
+            elif isinstance(val, torch.Tensor):
+                val = fn(val)
             object.__setattr__(new, name, val)
-        object.__setattr__(new, "cache", {})
         return new
 
     def reverse(self) -> "DAGSchedule":

@@ -265,15 +265,21 @@ class PLSTMGraphLayer(nn.Module):
         e = self._edge_features(edge_attr, schedule)  # [E, H, 4] or None
         tail, head = schedule.edge_index  # [E]
         line_a, line_b = schedule.line_index  # [L]
-        shared = tail[line_b]  # node u of line edge (a: x -> u, b: u -> w)
-        s = g[tail, :, 0] + g[head, :, 1] + self.source_bias  # [E, H]
-        m = g[head, :, 2] + g[tail, :, 3] + self.mark_bias  # [E, H]
-        t = g[tail[line_a], :, 4] + g[shared, :, 5] + g[head[line_b], :, 6] + self.transition_bias  # [L, H]
+        # Every slot read along an edge comes from one row gather per endpoint (g_tail, g_head: one gather and
+        # one index_put in backward each, not one per slot), and slots are split off with unbind (one stack in
+        # backward) rather than a select per slot (a zeros + copy each in backward). For a line edge
+        # (a: x -> u, b: u -> w): x = tail(a), the shared node u = tail(b), w = head(b). The values and the
+        # order of the sums are those of gathering every slot from g directly (tested).
+        gt, gh = g[tail].unbind(-1), g[head].unbind(-1)  # 8 x [E, H]
+        s = gt[0] + gh[1] + self.source_bias  # [E, H]
+        m = gh[2] + gt[3] + self.mark_bias  # [E, H]
+        t = gt[4][line_a] + gt[5][line_b] + gh[6][line_b] + self.transition_bias  # [L, H]
         d = g[:, :, 7] + self.direct_bias  # [N, H]
         if e is not None:
-            s = s + e[:, :, 0]
-            m = m + e[:, :, 1]
-            t = t + e[line_a, :, 2] + e[line_b, :, 3]
+            es = e.unbind(-1)
+            s = s + es[0]
+            m = m + es[1]
+            t = t + es[2][line_a] + es[3][line_b]
         source = torch.sigmoid(s)
         transition = torch.tanh(self.transition_scale * t)
         mark = torch.sigmoid(m)

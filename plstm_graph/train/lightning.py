@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -17,6 +18,9 @@ from .metrics import compute_metrics, primary_metric
 
 __all__ = ["MoleculeLitModule", "MoleculeDataModule", "masked_loss"]
 
+# MoleculeLitModule.transfer_batch_to_device is meant to be used with MoleculeDataModule (which keeps the default)
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule` but")
+
 
 def masked_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean loss over labelled entries only (NaN = missing): MSE (regression) or BCE with logits.
@@ -29,12 +33,15 @@ def masked_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Te
         4.0
     """
     mask = ~torch.isnan(target)
-    if not mask.any():
-        return pred.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
-    p, t = pred[mask].float(), target[mask].float()
+    # masked by torch.where, not boolean indexing or `if mask.any()`: both copy to the host (a device sync
+    # in every GPU training step); with no label at all the loss is 0 and still depends on pred (DDP needs
+    # every parameter used)
+    p, t = pred.float(), torch.where(mask, target, 0.0).float()
     if task == "regression":
-        return torch.nn.functional.mse_loss(p, t)
-    return torch.nn.functional.binary_cross_entropy_with_logits(p, t)
+        per = (p - t) ** 2
+    else:
+        per = torch.nn.functional.binary_cross_entropy_with_logits(p, t, reduction="none")
+    return torch.where(mask, per, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 class MoleculeLitModule(pl.LightningModule):
@@ -99,6 +106,15 @@ class MoleculeLitModule(pl.LightningModule):
 
     def _scaled_target(self, y: torch.Tensor) -> torch.Tensor:
         return (y - self.target_mean) / self.target_std if self.task == "regression" else y
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """pLSTM batches: schedules and Triton plans are built on the CPU batch, then moved with it
+        (:func:`~plstm_graph.graph.prepare_batch`), so the step on the GPU never syncs for them."""
+        from plstm_graph.graph import DAGData, prepare_batch
+
+        if isinstance(batch, DAGData) and self.model.model_name == "plstm":
+            return prepare_batch(batch, device, keys=self.model)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- steps
     def training_step(self, batch, batch_idx):

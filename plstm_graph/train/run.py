@@ -181,7 +181,10 @@ def _predict(module, graphs: list, batch_size: int = 256) -> np.ndarray:
 
     module.eval()
     device = next(module.parameters()).device
-    outs = [module.predict_batch(b.to(device)).float().cpu() for b in DataLoader(graphs, batch_size=batch_size)]
+    from plstm_graph.graph import prepare_batch
+
+    outs = [module.predict_batch(prepare_batch(b, device, keys=module.eval_model())).float().cpu()
+            for b in DataLoader(graphs, batch_size=batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, module.target_mean.size(1)))
 
 
@@ -292,9 +295,12 @@ class TrainedModel:
         if ok:
             # one molecule per compile chunk: a molecule's tensors never depend on its neighbours in the input
             graphs = mols_to_dags([mols[i] for i in ok], chunk_size=1)
+            from plstm_graph.graph import prepare_batch
+
             preds = []
+            device = next(self.model.parameters()).device
             for b in DataLoader(graphs, batch_size=batch_size):
-                y = self.model(b).float()
+                y = self.model(prepare_batch(b, device, keys=self.model)).float().cpu()
                 preds.append(y * self.target_std + self.target_mean if self.task == "regression" else torch.sigmoid(y))
             out[ok] = torch.cat(preds).numpy()
         return out, invalid

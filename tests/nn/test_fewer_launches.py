@@ -1,0 +1,79 @@
+"""The launch-saving forms of the gates and of the molecule feature embedding equal the formulas they replace."""
+import pytest
+import torch
+
+from plstm_graph import compile_dag
+from plstm_graph.nn import PLSTMGraphLayer, p_normalize
+
+from ..conftest import hostile_dags, random_dag
+
+
+def _old_gates(layer: PLSTMGraphLayer, x, schedule, edge_attr):
+    """The per-slot gather formula of PLSTMGraphLayer._gates before the refactoring (verbatim)."""
+    n, h = x.size(0), layer.num_heads
+    g = layer.gate_node(x).float().view(n, h, 8)
+    e = layer._edge_features(edge_attr, schedule)
+    tail, head = schedule.edge_index
+    line_a, line_b = schedule.line_index
+    shared = tail[line_b]
+    s = g[tail, :, 0] + g[head, :, 1] + layer.source_bias
+    m = g[head, :, 2] + g[tail, :, 3] + layer.mark_bias
+    t = g[tail[line_a], :, 4] + g[shared, :, 5] + g[head[line_b], :, 6] + layer.transition_bias
+    d = g[:, :, 7] + layer.direct_bias
+    if e is not None:
+        s = s + e[:, :, 0]
+        m = m + e[:, :, 1]
+        t = t + e[line_a, :, 2] + e[line_b, :, 3]
+    source, transition = torch.sigmoid(s), torch.tanh(layer.transition_scale * t)
+    mark, direct = torch.sigmoid(m), torch.sigmoid(d)
+    if layer.mode == "P" and layer.normalize:
+        source = p_normalize(source, tail, n)
+        transition = p_normalize(transition, line_a, schedule.num_edges)
+    return source, transition, mark, direct
+
+
+@pytest.mark.parametrize("mode", ["P", "D"])
+@pytest.mark.parametrize("edge_dim", [None, 5])
+@pytest.mark.parametrize("case", hostile_dags() + [("random40", random_dag(40, 0.2, 7), 40)], ids=lambda c: c[0])
+def test_gates_equal_old_formula(mode, edge_dim, case):
+    _, ei, n = case
+    torch.manual_seed(0)
+    s = compile_dag(ei, num_nodes=n, mode=mode)
+    layer = PLSTMGraphLayer(12, 3, mode=mode, edge_dim=edge_dim, gate_init_std=0.5)
+    x = torch.randn(n, 12, requires_grad=True)
+    e = torch.randn(s.num_edges, edge_dim, requires_grad=True) if edge_dim else None
+    new = layer.gates(x, s, e)
+    old = _old_gates(layer, x, s, e)
+    for a, b in zip(new, old):
+        assert torch.equal(a, b)  # same values, same order of sums: bitwise equal
+    w = [torch.randn_like(t) for t in new]
+    inputs = [x] + ([e] if e is not None else []) + list(layer.parameters())
+    ga = torch.autograd.grad(sum((t * wi).sum() for t, wi in zip(new, w)), inputs, allow_unused=True)
+    gb = torch.autograd.grad(sum((t * wi).sum() for t, wi in zip(old, w)), inputs, allow_unused=True)
+    for a, b in zip(ga, gb):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:  # gradients are accumulated in another order: equal up to rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_embedding_equals_per_column_sum():
+    from plstm_graph.models.molecule import FeatureEmbedding
+
+    torch.manual_seed(0)
+    dims = (119, 5, 12, 12, 10, 6, 6, 2, 2)
+    emb = FeatureEmbedding(dims, 16)
+    x = torch.stack([torch.randint(0, d, (50,)) for d in dims], 1)
+    out = emb(x)
+    ref = emb.tables[0](x[:, 0])
+    for f in range(1, len(dims)):
+        ref = ref + emb.tables[f](x[:, f])
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    w = torch.randn_like(out)
+    g_new = torch.autograd.grad((out * w).sum(), list(emb.parameters()))
+    g_old = torch.autograd.grad((ref * w).sum(), list(emb.parameters()))
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b)
+    assert "offsets" not in emb.state_dict()  # checkpoints unchanged
+    assert FeatureEmbedding((4,), 3)(torch.tensor([[1], [3]])).shape == (2, 3)
+    assert FeatureEmbedding((4, 2), 3)(torch.zeros(0, 2, dtype=torch.long)).shape == (0, 3)
