@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from plstm_graph.kernels import grid as kgrid
 from plstm_graph.ops.grid import default_tile, plstm_grid
 
 # (Y = X, batch x heads, K = V, anchor ms or None)
@@ -81,14 +82,13 @@ def main(argv=None):
     sizes = {int(s) for s in args.sizes.split(",")}
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     if args.dot_precision:
-        from plstm_graph.kernels import grid as kgrid
-
         kgrid.DOT_PRECISION = args.dot_precision
     fn = plstm_grid
     if args.compile:
         fn = torch.compile(plstm_grid, dynamic=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"plstm_grid forward+backward, float32, one orientation, {HEADS} heads, device {name}")
+    print(f"plstm_grid forward+backward, float32, one orientation, {HEADS} heads, device {name}, "
+          f"Triton dot precision {kgrid.DOT_PRECISION}")
     print()
     print("| grid | batch x heads | K = V | tile | ms | peak MB | anchor ms | speed-up vs anchor | rel. err |")
     print("|---|---|---|---|---|---|---|---|---|")

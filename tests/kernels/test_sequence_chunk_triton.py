@@ -102,7 +102,8 @@ def test_segment_rule():
     # few programs on many chunks: segments of >= 8 chunks until ~512 programs; wide batches: one segment
     assert kchunk.segment_chunks(512, 32) == 32  # T = 32k at chunk 64, B = 1, H = 8, 2 x 2 tiles: 16 segments
     assert kchunk.segment_chunks(32, 512) == 32
-    assert kchunk.segment_chunks(128, 256) == 64
+    assert kchunk.segment_chunks(128, 256) == 128  # >= 256 programs: no segments
+    assert kchunk.segment_chunks(128, 128) == 32
     assert kchunk.segment_chunks(7, 1) == 7
     assert kchunk.segment_chunks(9, 1, segment=2) == 2 and kchunk.segment_chunks(9, 1, segment=50) == 9
 
