@@ -55,7 +55,7 @@ DOT_PRECISION = os.environ.get("PLSTM_GRID_DOT_PRECISION", "tf32x3")
 # node block of the read kernel (0 = the default rule of _nblock); a tuning knob for benchmarks/grid.py
 READ_BLOCK_N = int(os.environ.get("PLSTM_GRID_READ_BN", "0"))
 
-_HELPERS = ("_dot",)
+_HELPERS = ("_dot", "_wave_layout")
 
 
 def _interpreting() -> bool:
@@ -153,6 +153,20 @@ def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c
                  mask=mn[:, None] & (offa < A)[None, :])
 
 
+def _wave_layout_py(A, Py, KV, BA: tl.constexpr, BKV: tl.constexpr):
+    """The wavefront kernels' block of one program ``(bh, kv-block)``: ``bh``, offsets ``blk [BA, BKV]`` into
+    one tile's ``[A, KV]`` states, their mask, the right-edge rows (``< Py``) and down-edge rows of that
+    mask, and the ``[BA, BA]`` mask of ``Tb``."""
+    bh = tl.program_id(0).to(tl.int64)
+    offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    offa = tl.arange(0, BA)
+    ma = offa < A
+    m2 = ma[:, None] & (offk < KV)[None, :]
+    rows_r = (offa < Py)[:, None] & m2
+    rows_d = (offa >= Py)[:, None] & m2
+    return bh, offa[:, None] * KV + offk[None, :], m2, rows_r, rows_d, ma[:, None] & ma[None, :]
+
+
 def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
                      BA: tl.constexpr, BKV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program ``(bh, kv-block)`` walks the tiles in row-major order: ``Cout = Tb @ Cin + Cloc``; the right-edge
@@ -160,15 +174,8 @@ def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
     neighbour's. ``cin`` must be zero on entry (grid border). ``pos[ty * nxt + tx]`` = the tile's position in
     the (anti-diagonal) storage order. A CTA barrier after each tile makes its stores visible to the next
     tile's loads (the same program reads them)."""
-    bh = tl.program_id(0).to(tl.int64)
-    offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    bh, blk, m2, rows_r, rows_d, tmask = _wave_layout(A, Py, KV, BA, BKV)
     offa = tl.arange(0, BA)
-    ma = offa < A
-    mk = offk < KV
-    m2 = ma[:, None] & mk[None, :]
-    rows_r = (offa < Py)[:, None] & m2
-    rows_d = (offa >= Py)[:, None] & m2
-    blk = offa[:, None] * KV + offk[None, :]
     tbo = offa[:, None] * A + offa[None, :]
     ty = 0
     while ty < nyt:
@@ -178,7 +185,7 @@ def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
             p = tl.load(pos + r).to(tl.int64)
             base = (p * BH + bh) * A
             c = tl.load(cin + base * KV + blk, mask=m2, other=0.0)
-            t = tl.load(tb + base * A + tbo, mask=ma[:, None] & ma[None, :], other=0.0)
+            t = tl.load(tb + base * A + tbo, mask=tmask, other=0.0)
             out = tl.load(cloc + base * KV + blk, mask=m2, other=0.0)
             out = _dot(t, c, out, PREC, UPCAST)
             has_r = tx + 1 < nxt
@@ -198,15 +205,8 @@ def _wave_bwd_kernel(tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV,
     neighbour's total entering adjoint (rows ``< Py``) and the bottom neighbour's (rows ``>= Py``); then
     ``gin += Tb^T gout``. ``gin`` holds ``dCin`` on entry and the total adjoints of the entering states on
     exit; ``gout`` (= ``dCloc``) is written for every tile."""
-    bh = tl.program_id(0).to(tl.int64)
-    offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    bh, blk, m2, rows_r, rows_d, tmask = _wave_layout(A, Py, KV, BA, BKV)
     offa = tl.arange(0, BA)
-    ma = offa < A
-    mk = offk < KV
-    m2 = ma[:, None] & mk[None, :]
-    rows_r = (offa < Py)[:, None] & m2
-    rows_d = (offa >= Py)[:, None] & m2
-    blk = offa[:, None] * KV + offk[None, :]
     tbt = offa[None, :] * A + offa[:, None]  # Tb transposed
     ty = nyt - 1
     while ty >= 0:
@@ -222,7 +222,7 @@ def _wave_bwd_kernel(tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV,
             go = tl.load(gin + (pr * BH + bh) * A * KV + blk, mask=rows_r & has_r, other=0.0)
             go += tl.load(gin + (pd * BH + bh) * A * KV + blk, mask=rows_d & has_d, other=0.0)
             tl.store(gout + base * KV + blk, go, mask=m2)
-            t = tl.load(tb + base * A + tbt, mask=ma[:, None] & ma[None, :], other=0.0)
+            t = tl.load(tb + base * A + tbt, mask=tmask, other=0.0)
             g = tl.load(gin + base * KV + blk, mask=m2, other=0.0)
             g = _dot(t, go, g, PREC, UPCAST)
             tl.store(gin + base * KV + blk, g, mask=m2)
