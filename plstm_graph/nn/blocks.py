@@ -178,7 +178,8 @@ class PLSTMGraphStack(nn.Module):
         self.pattern = pattern
         self.blocks = nn.ModuleList(
             PLSTMGraphBlock(dim, num_heads, mode=m, reverse=r, edge_dim=edge_dim, mlp_ratio=mlp_ratio,
-                            dropout=dropout, backend=backend, local_mix=local_mix, layer_scale=layer_scale, **layer_kwargs)
+                            dropout=dropout, backend=backend, local_mix=local_mix, layer_scale=layer_scale,
+                            **layer_kwargs)
             for m, r in pattern
         )
         self.norm = nn.RMSNorm(dim, eps=1e-5)
