@@ -3,7 +3,8 @@
 One class, :class:`MoleculeModel`, with the backbone chosen by name:
 
 =============  ===========================================================================================
-``plstm``      :class:`plstm_graph.nn.PLSTMGraphStack` on the canonically oriented DAG (P/D, both directions)
+``plstm``      :class:`plstm_graph.nn.PLSTMGraphStack` on the canonically oriented DAG (P/D, both directions),
+               with a local bond term in every block's MLP (``local_mix``) and LayerScale 0.01 on the pLSTM layers
 ``gin``        PyG ``BasicGNN`` with ``GINEConv`` (GIN with bond features, as OGB's GIN baseline)
 ``gcn``        ``torch_geometric.nn.models.GCN`` (bond features are not used by GCN convolutions)
 ``gat``        ``torch_geometric.nn.models.GAT`` with ``edge_dim`` (attention sees bond features)
@@ -122,6 +123,12 @@ class MoleculeModel(nn.Module):
         atom_dims, bond_dims: vocabulary sizes (OGB's by default).
         plstm_kwargs: extra :class:`~plstm_graph.nn.PLSTMGraphLayer` arguments (gate initialisation), merged
             over :func:`plstm_molecule_init`; ``plstm`` only.
+        local_mix: ``plstm`` only (default ``True``): every block's MLP also reads the bonded neighbours and
+            bond features (:class:`~plstm_graph.nn.blocks.LocalBondMix`, a GINE-style sum next to the pLSTM
+            layer). ``False`` is the pure pLSTM stack (blocks of a pLSTM layer and a per-node MLP).
+        layer_scale: ``plstm`` only (default ``0.01``): a learned per-channel scale on every pLSTM layer's
+            output (LayerScale), initialised to this value, so training starts close to the local model and
+            the pLSTM paths grow in; ``None``: no scale (the output enters the residual at full size).
 
     Shapes:
         ``forward(batch)`` with ``batch.x [N, 9]``, ``batch.edge_index [2, E]`` (DAG), ``batch.edge_attr
@@ -138,7 +145,8 @@ class MoleculeModel(nn.Module):
     def __init__(self, model: str = "plstm", num_tasks: int = 1, hidden: int = 128, num_layers: int = 4,
                  num_heads: int = 4, dropout: float = 0.0, readout: str = "mean+sum",
                  atom_dims: Sequence[int] = (119, 5, 12, 12, 10, 6, 6, 2, 2), bond_dims: Sequence[int] = (5, 6, 2),
-                 plstm_kwargs: Optional[Dict] = None):
+                 plstm_kwargs: Optional[Dict] = None, local_mix: bool = True,
+                 layer_scale: Optional[float] = 0.01):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
@@ -152,7 +160,7 @@ class MoleculeModel(nn.Module):
         if model == "plstm":
             gate_init = {**plstm_molecule_init(num_heads), **(plstm_kwargs or {})}
             self.backbone = PLSTMGraphStack(hidden, num_heads, num_layers=num_layers, edge_dim=hidden,
-                                            dropout=dropout, **gate_init)
+                                            dropout=dropout, local_mix=local_mix, layer_scale=layer_scale, **gate_init)
         elif model == "gin":
             self.backbone = _gine_class()(hidden, hidden, num_layers, dropout=dropout, edge_dim=hidden)
         elif model == "gcn":

@@ -3,7 +3,7 @@
 Graph: :class:`PLSTMGraphLayer` (P/D modes), blocks and stacks, readouts. Sequence: :class:`MultiScaleRetention`
 (RetNet), :class:`PLSTM1DLayer`. Grid: :class:`PLSTM2DLayer`.
 """
-from .blocks import PLSTMGraphBlock, PLSTMGraphStack, default_pattern
+from .blocks import LocalBondMix, PLSTMGraphBlock, PLSTMGraphStack, default_pattern
 from .graph import GraphGates, PLSTMGraphLayer, p_normalize
 from .grid import PLSTM2DLayer
 from .norm import MultiHeadRMSNorm, RMSNorm
@@ -12,7 +12,7 @@ from .sequence import MultiScaleRetention, PLSTM1DLayer
 
 __all__ = [
     "PLSTMGraphLayer", "GraphGates", "MultiHeadRMSNorm", "RMSNorm", "p_normalize",
-    "PLSTMGraphBlock", "PLSTMGraphStack", "default_pattern",
+    "PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern",
     "SumReadout", "MeanReadout", "AttentionReadout", "make_readout",
     "MultiScaleRetention", "PLSTM1DLayer", "PLSTM2DLayer",
 ]

@@ -1,6 +1,15 @@
 """Pre-norm residual blocks and the P/D stack used by graph models.
 
-``PLSTMGraphBlock``:  x = x + drop(layer(RMSNorm(x)));  x = x + drop(MLP(RMSNorm(x)))   (GELU MLP)
+``PLSTMGraphBlock``:  x = x + drop(layer(RMSNorm(x)));  x = x + drop(MLP(RMSNorm(x)))   (GELU MLP;
+``layer_scale=s`` multiplies the layer's output by a learned per-channel scale initialised to ``s``)
+
+With ``local_mix=True`` the MLP also reads the block's direct neighbours through their bonds (a GINE-style
+local term, :class:`LocalBondMix`): ``h = RMSNorm(x)``, ``x = x + drop(MLP(h + sum_{j ~ n} GELU(h_j + W e_jn)))``,
+over every edge in both directions. The pLSTM layer carries information along paths (linear in the
+states, gated per edge, with bond features in the gates only); the local term gives each node a non-linear
+sum over its bonded neighbours with the bond features in the message itself, which the layer's values
+(``v = W_v x`` of the source node, the same for every out-edge) do not carry. Used by the molecule model
+(measured on FreeSolv and B3DB, README); off by default here.
 
 ``PLSTMGraphStack``: a list of blocks with a ``pattern`` of (mode, reverse) pairs. The default, for 4
 layers, is ``[("P", False), ("P", True), ("D", False), ("D", True)]``: two P-mode and two D-mode layers,
@@ -14,9 +23,9 @@ import torch
 from torch import nn
 
 from ..graph.schedule import DAGSchedule
-from .graph import PLSTMGraphLayer
+from .graph import PLSTMGraphLayer, resolve_schedule
 
-__all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "default_pattern"]
+__all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern"]
 
 
 def default_pattern(num_layers: int) -> List[Tuple[str, bool]]:
@@ -26,8 +35,49 @@ def default_pattern(num_layers: int) -> List[Tuple[str, bool]]:
     return [("P" if i < n_p else "D", bool((i if i < n_p else i - n_p) % 2)) for i in range(num_layers)]
 
 
+class LocalBondMix(nn.Module):
+    """Sum over bonded neighbours, both directions of every DAG edge: ``m_n = sum_{j ~ n} GELU(h_j + W e_jn)``.
+
+    A GINE-style message (Hu et al. 2020's GIN with edge features) without its MLP; the block's MLP reads
+    ``h + m``. ``edge_dim=None``: messages ``GELU(h_j)`` (no edge features).
+
+    Shapes: h ``[N, dim]``, edge_index ``[2, E]``, edge_attr ``[E, edge_dim]`` or ``None`` -> ``[N, dim]``.
+
+    Example:
+        >>> import torch
+        >>> mix = LocalBondMix(4, edge_dim=2)
+        >>> mix(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]), torch.randn(2, 2)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, dim: int, edge_dim: Optional[int] = None):
+        super().__init__()
+        self.edge = nn.Linear(edge_dim, dim) if edge_dim else None
+
+    def reset_parameters(self) -> None:
+        if self.edge is not None:
+            self.edge.reset_parameters()
+
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None):
+        src = torch.cat([edge_index[0], edge_index[1]])
+        dst = torch.cat([edge_index[1], edge_index[0]])
+        msg = h[src]
+        if self.edge is not None:
+            if edge_attr is None:
+                raise ValueError("LocalBondMix was built with edge_dim; pass edge_attr")
+            e = self.edge(edge_attr.to(h.dtype) if edge_attr.dim() > 1 else edge_attr[:, None].to(h.dtype))
+            msg = msg + torch.cat([e, e])
+        msg = nn.functional.gelu(msg)
+        return torch.zeros_like(h).index_add(0, dst, msg.to(h.dtype))
+
+
 class PLSTMGraphBlock(nn.Module):
     """Pre-norm residual block: a :class:`PLSTMGraphLayer` then a GELU MLP, each with a residual.
+
+    ``local_mix=True``: the MLP's input also holds :class:`LocalBondMix` of the normalised features (the
+    bonded neighbours and, with ``edge_dim``, the bond features); see the module docstring.
+    ``layer_scale=s``: the pLSTM layer's output is multiplied by a learned ``[dim]`` vector initialised to
+    ``s`` (LayerScale) before the residual; ``None`` (default): no scale.
 
     Shapes: x ``[N, dim]`` -> ``[N, dim]``.
 
@@ -40,9 +90,13 @@ class PLSTMGraphBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, mode: str = "P", reverse: bool = False, edge_dim: Optional[int] = None,
-        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", **layer_kwargs,
+        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", local_mix: bool = False,
+        layer_scale: Optional[float] = None, **layer_kwargs,
     ):
         super().__init__()
+        self.local = LocalBondMix(dim, edge_dim) if local_mix else None
+        self.layer_scale_init = layer_scale
+        self.layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale is not None else None
         self.norm1 = nn.RMSNorm(dim, eps=1e-5)
         self.layer = PLSTMGraphLayer(dim, num_heads, mode=mode, reverse=reverse, edge_dim=edge_dim,
                                      backend=backend, **layer_kwargs)
@@ -55,13 +109,28 @@ class PLSTMGraphBlock(nn.Module):
         self.norm1.reset_parameters()
         self.norm2.reset_parameters()
         self.layer.reset_parameters()
+        if self.local is not None:
+            self.local.reset_parameters()
+        if self.layer_scale is not None:
+            with torch.no_grad():
+                self.layer_scale.fill_(float(self.layer_scale_init))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
 
     def forward(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop(self.layer(self.norm1(x), schedule, edge_attr))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        y = self.layer(self.norm1(x), schedule, edge_attr)
+        if self.layer_scale is not None:
+            y = y * self.layer_scale
+        x = x + self.drop(y)
+        h = self.norm2(x)
+        if self.local is not None:
+            sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
+            ea = edge_attr
+            if ea is not None and sched.input_edge_ids is not None:
+                ea = ea[sched.input_edge_ids]
+            h = h + self.local(h, sched.edge_index, ea)
+        return x + self.drop(self.mlp(h))
 
 
 Schedules = Union[DAGSchedule, Sequence[DAGSchedule], Dict[Tuple[str, bool], DAGSchedule], "Data"]
@@ -73,6 +142,8 @@ class PLSTMGraphStack(nn.Module):
     Args:
         pattern: list of ``(mode, reverse)``; default :func:`default_pattern` (``num_layers`` is then its
             length; giving both with different lengths is an error).
+        local_mix: every block's MLP also reads its bonded neighbours (:class:`LocalBondMix`).
+        layer_scale: initial LayerScale of every pLSTM layer's output (``None``: none).
         layer_kwargs: extra keyword arguments of every :class:`PLSTMGraphLayer` (e.g. gate inits).
 
     ``forward(x, schedules, edge_attr=None)`` takes a PyG ``DAGData`` / batch carrying the needed
@@ -93,7 +164,7 @@ class PLSTMGraphStack(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, num_layers: int = 4, pattern: Optional[Sequence[Tuple[str, bool]]] = None,
         edge_dim: Optional[int] = None, mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto",
-        **layer_kwargs,
+        local_mix: bool = False, layer_scale: Optional[float] = None, **layer_kwargs,
     ):
         super().__init__()
         if pattern is None:
@@ -107,7 +178,8 @@ class PLSTMGraphStack(nn.Module):
         self.pattern = pattern
         self.blocks = nn.ModuleList(
             PLSTMGraphBlock(dim, num_heads, mode=m, reverse=r, edge_dim=edge_dim, mlp_ratio=mlp_ratio,
-                            dropout=dropout, backend=backend, **layer_kwargs)
+                            dropout=dropout, backend=backend, local_mix=local_mix, layer_scale=layer_scale,
+                            **layer_kwargs)
             for m, r in pattern
         )
         self.norm = nn.RMSNorm(dim, eps=1e-5)

@@ -86,6 +86,15 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (a shipped data set, or your CSV)")
     g.add_argument("--dataset", choices=_DATASETS, default=None, help="shipped data set (default: freesolv)")
@@ -115,6 +124,12 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--layers", type=_positive_int, default=4, help="backbone layers (default 4)")
     g.add_argument("--heads", type=_positive_int, default=4, help="pLSTM / GAT heads (default 4)")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="default 0.1")
+    g.add_argument("--local-mix", type=_on_off, default=_DEFAULTS.local_mix, metavar="on|off",
+                   help="pLSTM only: every block's MLP also reads the bonded neighbours and bond types (a GINE-style "
+                        f"local term next to the pLSTM layer; default {'on' if _DEFAULTS.local_mix else 'off'})")
+    g.add_argument("--layer-scale", type=_nonneg_float, default=_DEFAULTS.layer_scale,
+                   help="pLSTM only: initial value of the learned per-channel scale on every pLSTM layer's output "
+                        f"(LayerScale; 0 = no scale; default {_DEFAULTS.layer_scale})")
     g.add_argument("--patience", type=_nonneg_int, default=15, help="early-stopping patience in epochs (default 15)")
     g.add_argument("--warmup-epochs", type=_nonneg_int, default=_DEFAULTS.warmup_epochs,
                    help=f"linear learning-rate warm-up before the cosine decay (default {_DEFAULTS.warmup_epochs})")
@@ -146,9 +161,10 @@ def _config(args, model: str, seed: int, out: str):
         target_columns=list(args.target_column), task=args.task, model=model, split=args.split, folds=args.folds,
         fold=args.fold, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        dropout=args.dropout, patience=args.patience, warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip, select=args.select, devices=args.devices, accelerator=args.accelerator,
-        precision=args.precision, num_workers=args.num_workers, out=out, cache_dir=args.cache_dir,
+        dropout=args.dropout, local_mix=args.local_mix, layer_scale=args.layer_scale, patience=args.patience,
+        warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay, grad_clip=args.grad_clip, select=args.select,
+        devices=args.devices, accelerator=args.accelerator, precision=args.precision, num_workers=args.num_workers,
+        out=out, cache_dir=args.cache_dir,
         max_molecules=args.max_molecules, progress=not args.no_progress,
     )
 

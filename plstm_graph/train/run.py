@@ -57,6 +57,8 @@ class TrainConfig:
     num_heads: int = 4
     dropout: float = 0.1
     readout: str = "mean+sum"
+    local_mix: bool = True
+    layer_scale: float = 0.01
     patience: int = 15
     warmup_epochs: int = 5
     ema_decay: float = 0.98
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError("--patience, --num-workers and --warmup-epochs must be non-negative")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.layer_scale >= 0 and np.isfinite(self.layer_scale)):
+            raise ValueError(f"--layer-scale must be a non-negative number, got {self.layer_scale}")
         if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
             raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
         if self.select not in ("best", "last"):
@@ -119,8 +123,12 @@ def _load_table(cfg: TrainConfig):
 
 
 def _model_kwargs(cfg: TrainConfig, num_tasks: int) -> Dict:
-    return dict(model=cfg.model, num_tasks=num_tasks, hidden=cfg.hidden, num_layers=cfg.num_layers,
-                num_heads=cfg.num_heads, dropout=cfg.dropout, readout=cfg.readout)
+    kwargs = dict(model=cfg.model, num_tasks=num_tasks, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                  num_heads=cfg.num_heads, dropout=cfg.dropout, readout=cfg.readout)
+    if cfg.model == "plstm":
+        kwargs["local_mix"] = bool(cfg.local_mix)
+        kwargs["layer_scale"] = float(cfg.layer_scale) if cfg.layer_scale else None  # 0: no LayerScale
+    return kwargs
 
 
 def _scaler(task: str, y: np.ndarray) -> Tuple[List[float], List[float]]:
@@ -321,7 +329,12 @@ def load_trained(model_dir: str) -> TrainedModel:
     if not path.is_file():
         raise FileNotFoundError(f"no model.pt in {model_dir}; train one with: plstm-graph train --out {model_dir}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = MoleculeModel(**blob["model_kwargs"])
+    kwargs = dict(blob["model_kwargs"])
+    if kwargs.get("model") == "plstm":
+        # saved before these options existed: no local term, no scale on the pLSTM layers
+        kwargs.setdefault("local_mix", False)
+        kwargs.setdefault("layer_scale", None)
+    model = MoleculeModel(**kwargs)
     model.load_state_dict(blob["state_dict"])
     model.eval()
     if blob.get("featurization") != featurization_hash():

@@ -113,7 +113,8 @@ def _err(capsys, argv):
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty_csv", "header_only", "unknown_model",
                                   "bad_epochs", "zero_epochs", "bad_lr", "bad_dropout", "no_smiles_column",
-                                  "missing_model_dir", "predict_missing_column", "both_inputs", "non_numeric"])
+                                  "missing_model_dir", "predict_missing_column", "both_inputs", "non_numeric",
+                                  "bad_local_mix", "bad_layer_scale"])
 def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
     data = _dataset(tmp_path)
     empty = tmp_path / "empty.csv"
@@ -138,6 +139,8 @@ def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
         "predict_missing_column": ["predict", "--model-dir", str(tmp_path), "--csv", data, "--smiles-column", "x"],
         "both_inputs": ["predict", "--model-dir", str(tmp_path), "--smiles", "CCO", "--csv", data],
         "non_numeric": ["train", "--csv", str(nonnum), *base[1:]],
+        "bad_local_mix": ["train", "--csv", data, *base[1:], "--local-mix", "maybe"],
+        "bad_layer_scale": ["train", "--csv", data, *base[1:], "--layer-scale", "-0.1"],
     }[case]
     rc, err = _err(capsys, argv)
     assert rc != 0, case

@@ -97,3 +97,57 @@ def test_select_last_trains_every_epoch_and_keeps_the_last_weights(tmp_path):
     assert result["epochs_run"] == 3  # patience 0 would have stopped a "best" run after one bad epoch
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
+
+
+def test_local_mix_is_the_plstm_default_and_a_cli_flag():
+    from plstm_graph.cli import build_parser
+    from plstm_graph.train.cli import _config
+    from plstm_graph.train.run import _model_kwargs
+
+    assert TrainConfig().local_mix is True
+    assert all(b.local is not None for b in MoleculeModel(**KW).backbone.blocks)  # the model's default too
+    args = build_parser().parse_args(["train"])
+    assert _config(args, "plstm", 0, "out").local_mix is True
+    for text, value in (("off", False), ("on", True)):
+        args = build_parser().parse_args(["compare", "--local-mix", text])
+        cfg = _config(args, "plstm", 0, "out")
+        assert cfg.local_mix is value and _model_kwargs(cfg, 1)["local_mix"] is value
+    assert "local_mix" not in _model_kwargs(dataclasses.replace(cfg, model="gin"), 1)  # pLSTM only
+    assert TrainConfig().layer_scale == 0.01 and _model_kwargs(TrainConfig(), 1)["layer_scale"] == 0.01
+    args = build_parser().parse_args(["train", "--local-mix", "off", "--layer-scale", "0"])
+    cfg = _config(args, "plstm", 0, "out")
+    assert _model_kwargs(cfg, 1)["layer_scale"] is None and _model_kwargs(cfg, 1)["local_mix"] is False
+    with pytest.raises(ValueError, match="layer-scale"):
+        dataclasses.replace(TrainConfig(), layer_scale=-1.0).validate()
+    off = MoleculeModel(**KW, local_mix=False)
+    assert all(b.local is None for b in off.backbone.blocks)
+    for b in MoleculeModel(**KW).backbone.blocks:  # LayerScale 0.01 on every pLSTM layer by default
+        torch.testing.assert_close(b.layer_scale.detach(), torch.full((KW["hidden"],), 0.01))
+    assert all(b.layer_scale is None for b in MoleculeModel(**KW, layer_scale=None).backbone.blocks)
+
+
+def test_local_mix_changes_the_prediction_and_old_checkpoints_still_load(tmp_path):
+    from plstm_graph.train.run import load_trained
+    from plstm_graph.chem import featurization_hash
+
+    torch.manual_seed(0)
+    batch = next(iter(DataLoader([smiles_to_dag(s) for s in ("CCO", "c1ccccc1O", "CC(=O)N")], batch_size=3)))
+    model = MoleculeModel(**KW, local_mix=True)
+    out = model(batch)
+    out.sum().backward()
+    assert all(b.local.edge.weight.grad.abs().sum() > 0 for b in model.backbone.blocks)
+    with torch.no_grad():
+        for b in model.backbone.blocks:
+            b.local.edge.weight.mul_(3.0)
+    assert not torch.allclose(model(batch), out)
+    # a model.pt written before local_mix existed (no such key, no local parameters) loads as it was trained
+    old = MoleculeModel(**KW, local_mix=False, layer_scale=None)
+    assert not any("layer_scale" in k for k in old.state_dict())
+    torch.save({"model_kwargs": dict(KW), "state_dict": old.state_dict(), "task": "regression", "targets": ["y"],
+                "target_mean": [0.0], "target_std": [1.0], "featurization": featurization_hash(), "config": {}},
+               tmp_path / "model.pt")
+    loaded = load_trained(str(tmp_path))
+    assert all(b.local is None and b.layer_scale is None for b in loaded.model.backbone.blocks)
+    old.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(batch), old(batch))
