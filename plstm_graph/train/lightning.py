@@ -92,10 +92,12 @@ class MoleculeLitModule(pl.LightningModule):
         n = self._ema_steps
         self._ema_steps += 1
         decay = min(float(self.hparams.ema_decay), (1.0 + n) / (10.0 + n))
-        for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
-            pe.lerp_(p.detach().to(pe.dtype), 1.0 - decay)
-        for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
-            be.copy_(b)
+        # multi-tensor ops: a few launches per step instead of one per parameter and buffer
+        torch._foreach_lerp_(list(self.ema_model.parameters()), [p.detach() for p in self.model.parameters()],
+                             1.0 - decay)
+        ema_buffers = list(self.ema_model.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, list(self.model.buffers()))
 
     def predict_batch(self, batch) -> torch.Tensor:
         """``[B, T]`` predictions: original units (regression) or probabilities (classification)."""
