@@ -376,7 +376,7 @@ def segment_chunks(nt: int, programs: int, segment: Optional[int] = None) -> int
     ``segment`` forces ``L`` (tests); default: no segments when the pass already has >= 256 programs, else
     enough segments for ~512 programs, at least 8 chunks each. Measured on an H200 (bf16, fwd+bwd of
     retention): (4, 8192, 8, 128, 256), 256 programs: 2.66-2.81 ms unsegmented vs 3.07-3.46 ms cut into
-    2-8 segments; (1, 32768, 8, 128, 128), 32 programs: 2.49-2.93 ms in 16 segments vs 4.0 ms unsegmented."""
+    2-8 segments; (1, 32768, 8, 128, 128), 32 programs: 2.38-2.93 ms in 16 segments vs 4.0 ms unsegmented."""
     if segment is not None:
         return max(1, min(int(segment), nt))
     if programs >= SEGMENT_MIN_PROGRAMS:
