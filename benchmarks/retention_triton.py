@@ -4,7 +4,8 @@
 device, that the Triton outputs and gradients agree with the float32 torch path (relative max error).
 
 Shapes of issue 7: (B, T, H, K, V) = (8, 2048, 16, 128, 128), (4, 8192, 8, 128, 256), (1, 32768, 8, 128, 128);
-fla's chunk_retention on an H200 takes 1.22 / 3.79 / 2.48 ms (fwd+bwd, bf16).
+fla's chunk_retention on an H200 takes 1.22 / 3.79 / 2.48 ms (fwd+bwd, bf16). Timing: median of ``--iters`` runs of
+forward + ``o.backward(do)`` (a fixed random cotangent), synchronised after each.
 
     python benchmarks/retention_triton.py --device cuda
     python benchmarks/retention_triton.py --device cpu --small      # interpreter smoke test
@@ -44,10 +45,17 @@ def sync():
 
 
 def bench(fn, leaves, iters, backward=True):
+    """Median ms of ``fn(*leaves)`` (+ ``out.backward(do)`` from one fixed random cotangent ``do`` of the output's
+    shape and dtype, made before timing; every implementation is timed the same way)."""
+    do = None
+
     def step():
+        nonlocal do
         out = fn(*leaves)
         if backward:
-            out.float().sum().backward()
+            if do is None:
+                do = torch.randn_like(out)
+            out.backward(do)
             for x in leaves:
                 x.grad = None
     step()  # compile / autotune

@@ -274,6 +274,7 @@ def plstm_sequence_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     strategy: str = "auto",
+    transitions_positive: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton pLSTM sequence operator (SPEC section 4); differentiable in every input.
 
@@ -286,7 +287,8 @@ def plstm_sequence_triton(
         (N = B, or the number of sequences of ``cu_seqlens`` with B = 1). Returns ``y [B, T, H, V]`` in
         ``v``'s dtype and ``final_state [N, H, K, V]`` float32. ``K, V <= 256``. ``chunk_size``: tokens
         between the checkpoints kept for the backward (scan), or the chunk length (chunk: rounded to a power
-        of two in [16, 64]).
+        of two in [16, 64]). ``transitions_positive=True``: the caller guarantees every transition > 0
+        (e.g. retention's decays), which skips the check's device synchronisation.
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -306,7 +308,8 @@ def plstm_sequence_triton(
     if strategy != "scan":
         from . import sequence_chunk as _kc
 
-        if _kc.chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens):
+        if _kc.chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens,
+                               transitions_positive=transitions_positive):
             return _kc.plstm_sequence_chunk_triton(q, k, v, source, transition, mark, direct,
                                                    initial_state=initial_state, chunk_size=chunk_size)
         if strategy == "chunk":

@@ -11,7 +11,8 @@ Write ``S = (Q K^T) o M`` with ``M_tj = m_t e^{b_{t-1}-b_j} s_j`` (j < t), ``M_t
 ``w_j = s_j e^{b_last - b_j}``; then ``Y = S V + diag(a) Q C^-``. Four kernels:
 
 1. ``_fwd_h``  (program per (K-block x V-block, b*h, segment)): walks the chunks, stores each chunk's entering
-   state ``C^-`` (float32, ``[B, NT, H, K, V]``) and the final state; ``C <- e^{b_last} C + (K o w)^T V`` with
+   state ``C^-`` (``[B, NT, H, K, V]``; float32, or the input dtype for 16-bit inputs without gate gradients:
+   :func:`_state_dtype`) and the final state (float32); ``C <- e^{b_last} C + (K o w)^T V`` with
    ``tl.dot``. On long, narrow inputs (T = 32k, B = 1: 32 programs walking 512 chunks) the chunks are cut into
    ``S`` segments of ``L`` chunks walked in parallel from zero states (:func:`segment_chunks`); ``_carry``
    then walks the ``S`` segment states, and the consumers (2, 4) add the carried state decayed to the chunk,
@@ -42,6 +43,7 @@ import torch
 
 from ._common import bind_triton as _bind_triton
 from ._common import next_pow2 as _pow2
+from ._common import Tuned as _Tuned
 
 triton = None
 tl = None
@@ -53,6 +55,17 @@ def _import_triton():
 
 _JITTED = {}
 _HELPERS = ("_gate_chunk", "_mask_matrix", "_dot")
+
+
+def _trips(n: int):
+    """The trip count of a kernel's counted loop (argument ``TRIPS``, equal to ``L`` or ``S``). A separate argument
+    because the CPU interpreter hands int arguments over as 1-element arrays that its ``range()`` cannot take (with
+    numpy >= 2); a numpy integer passes through unconverted there. On the GPU it is a plain runtime int."""
+    if _interpreting():
+        import numpy
+
+        return numpy.int64(n)
+    return n
 
 
 def _jit(fn):
@@ -69,10 +82,9 @@ def _jit(fn):
     kern = _JITTED.get(key)
     if kern is None:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-        kern = jit(do_not_specialize=[n for n in ("T", "NT", "L", "S") if n in names])(fn)
+        kern = jit(do_not_specialize=[n for n in ("T", "NT", "L", "S", "TRIPS") if n in names])(fn)
         if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
-            cfgs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-            kern = triton.autotune(configs=cfgs, key=[n for n in ("K", "V", "BT", "BK", "BV") if n in names])(kern)
+            kern = _Tuned(kern, [(w, st) for w in (4, 8) for st in (1, 2, 3)], ("K", "V", "BT", "BK", "BV"))
         _JITTED[key] = kern
     return kern
 
@@ -100,7 +112,7 @@ def _gate_chunk_py(ptr, row0, t0, T, H, BT: tl.constexpr, other):
     return tl.load(ptr + row0 + offt.to(tl.int64) * H, mask=offt < T, other=other).to(tl.float32)
 
 
-def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L,
+def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L, TRIPS,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HAS_H0: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program per (K-block x V-block, b*h, segment of ``L`` chunks): the state pass over one segment, started
@@ -121,12 +133,13 @@ def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L,
         if seg == 0:
             p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
             c += tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    ci = seg * L
-    cend = tl.minimum(ci + L, NT)
-    while ci < cend:
+    # a counted loop of L chunks (NT = S * L, the last segment padded with empty chunks past T that leave the
+    # state unchanged): triton's pipeliner can prefetch the next chunk's k and v (num_stages)
+    for i in range(0, TRIPS):
+        ci = seg * L + i
         t0 = ci * BT
         ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        tl.store(ph, c, boundary_check=(0, 1))
+        tl.store(ph, c.to(hs.dtype.element_ty), boundary_check=(0, 1))
         g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
         s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
@@ -137,12 +150,11 @@ def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L,
         kt = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
         vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
         c = c * tl.exp(blast) + _dot((kt * w[None, :]).to(vv.dtype), vv, PREC, UPCAST)
-        ci += 1
     pT = tl.make_block_ptr(hseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(pT, c, boundary_check=(0, 1))
 
 
-def _carry(xseg, seglg, carry, final, H, S, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+def _carry(xseg, seglg, carry, final, H, S, TRIPS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
            BV: tl.constexpr, REVERSE: tl.constexpr):
     """Program per (K-block x V-block, b*h): the short pass over segments. Forward: ``carry[s]`` = the state
     entering segment ``s`` from earlier segments, ``c <- e^{seglg[s]} c + xseg[s]``; ``final`` = the state
@@ -153,8 +165,7 @@ def _carry(xseg, seglg, carry, final, H, S, K: tl.constexpr, V: tl.constexpr, BK
     b = bh // H
     h = bh % H
     c = tl.zeros([BK, BV], dtype=tl.float32)
-    i = 0
-    while i < S:
+    for i in range(0, TRIPS):  # TRIPS = S
         s = S - 1 - i if REVERSE else i
         off = ((b * S + s) * H + h) * K * V
         pc = tl.make_block_ptr(carry + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
@@ -162,7 +173,6 @@ def _carry(xseg, seglg, carry, final, H, S, K: tl.constexpr, V: tl.constexpr, BK
         px = tl.make_block_ptr(xseg + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         decay = tl.exp(tl.load(seglg + (b * S + s) * H + h))
         c = c * decay + tl.load(px, boundary_check=(0, 1), padding_option="zero")
-        i += 1
     pf = tl.make_block_ptr(final + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(pf, c, boundary_check=(0, 1))
 
@@ -208,7 +218,8 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
         seg = ci // L
         pc = tl.make_block_ptr(carry + ((b * tl.cdiv(NT, L) + seg) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV),
                                (BK, BV), (1, 0))
-        c += tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pc, boundary_check=(0, 1), padding_option="zero")
+        c = c.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pc, boundary_check=(0, 1),
+                                                                                      padding_option="zero")
     sc = _dot(qq, tl.trans(kk), PREC, UPCAST) * mm
     out = _dot(sc.to(vv.dtype), vv, PREC, UPCAST)
     out += a[:, None] * _dot(qq, c.to(qq.dtype), PREC, UPCAST)
@@ -216,7 +227,7 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
     tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
 
 
-def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L,
+def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L, TRIPS,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             HAS_DHT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The adjoint state pass over one segment (chunks backwards), started from zero (from ``dhT`` in the
@@ -234,12 +245,11 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L,
         if seg == nseg - 1:
             pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
             gs += tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    cstart = seg * L
-    ci = tl.minimum(cstart + L, NT) - 1
-    while ci >= cstart:
+    for i in range(0, TRIPS):  # chunks backwards, a counted loop over the padded segment (see _fwd_h)
+        ci = seg * L + L - 1 - i
         t0 = ci * BT
         ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        tl.store(ph, gs, boundary_check=(0, 1))
+        tl.store(ph, gs.to(dhs.dtype.element_ty), boundary_check=(0, 1))
         g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
         m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
@@ -250,7 +260,6 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L,
         qt = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
         dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
         gs = gs * tl.exp(blast) + _dot((qt * a[None, :]).to(dd.dtype), dd, PREC, UPCAST)
-        ci -= 1
     p0 = tl.make_block_ptr(gseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
     tl.store(p0, gs, boundary_check=(0, 1))
 
@@ -293,9 +302,9 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
             soff = ((b * tl.cdiv(NT, L) + ci // L) * H + h) * K * V
             pct = tl.make_block_ptr(carry + soff, (V, K), (1, V), (vb * BV, 0), (BV, BK), (0, 1))
             pgc = tl.make_block_ptr(gcarry + soff, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
-            ct += tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pct, boundary_check=(0, 1),
+            ct = ct.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pct, boundary_check=(0, 1),
                                                                           padding_option="zero")
-            gg += tl.exp(tl.load(goff + (b * NT + ci) * H + h)) * tl.load(pgc, boundary_check=(0, 1),
+            gg = gg.to(tl.float32) + tl.exp(tl.load(goff + (b * NT + ci) * H + h)) * tl.load(pgc, boundary_check=(0, 1),
                                                                           padding_option="zero")
         gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
         kgv = _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
@@ -309,7 +318,7 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
             qcv = _dot(qq, tl.trans(ct).to(qq.dtype), PREC, UPCAST)
             qc += tl.sum(qcv * dd.to(tl.float32), axis=1)
             kg += tl.sum(kgv * vv.to(tl.float32), axis=1)
-            cg += tl.sum(tl.sum(tl.trans(ct) * gg, axis=1), axis=0)
+            cg += tl.sum(tl.sum(tl.trans(ct).to(tl.float32) * gg.to(tl.float32), axis=1), axis=0)
         gq += _dot(ds.to(qq.dtype), kk, PREC, UPCAST)
         gq += a[:, None] * _dot(dd, ct.to(dd.dtype), PREC, UPCAST)
         gk += _dot(tl.trans(ds).to(qq.dtype), qq, PREC, UPCAST)
@@ -364,6 +373,16 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _state_dtype(dtype, gate_grad: bool):
+    """dtype of the stored per-chunk states ``hs`` and adjoints ``dhs``: the input dtype for 16-bit inputs
+    without gate gradients (their only consumers are tensor-core dots that round them to that dtype anyway, so
+    outputs and q/k/v gradients are unchanged while the state traffic halves; with segments the local part is
+    rounded before the carried part is added, one extra rounding), else float32 (the gate
+    gradients read ``<C^-, G>`` and ``q^T C^- dy`` in float32). The recurrences themselves and the final state
+    stay float32 either way."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) and not gate_grad else torch.float32
+
+
 SEGMENT_TARGET_PROGRAMS = 512  # segments are cut to bring a state pass to about this many programs ...
 SEGMENT_MIN_PROGRAMS = 256  # ... but only when it has fewer than this many without them
 
@@ -387,16 +406,16 @@ def segment_chunks(nt: int, programs: int, segment: Optional[int] = None) -> int
 
 def _segment_offsets(lg, bt, nt, L):
     """Per-chunk log decays for the segment fix-ups, from ``lg [B, T, H]`` (log transitions, float32):
-    ``seglg [B, S, H]`` (whole segments), ``coff [B, NT, H]`` (segment start -> chunk start) and
-    ``goff [B, NT, H]`` (chunk end -> segment end)."""
+    ``seglg [B, S, H]`` (whole segments), ``coff [B, S*L, H]`` (segment start -> chunk start) and
+    ``goff [B, S*L, H]`` (chunk end -> segment end); chunks past ``nt`` (padding of the last segment) decay by 1."""
     B, T, H = lg.shape
     S = -(-nt // L)
     chunk = torch.nn.functional.pad(lg, (0, 0, 0, nt * bt - T)).reshape(B, nt, bt, H).sum(2)
     chunk = torch.nn.functional.pad(chunk, (0, 0, 0, S * L - nt)).reshape(B, S, L, H)
     incl = chunk.cumsum(2)
     seglg = incl[:, :, -1]
-    coff = (incl - chunk).reshape(B, S * L, H)[:, :nt].contiguous()
-    goff = (seglg[:, :, None] - incl).reshape(B, S * L, H)[:, :nt].contiguous()
+    coff = (incl - chunk).reshape(B, S * L, H).contiguous()
+    goff = (seglg[:, :, None] - incl).reshape(B, S * L, H).contiguous()
     return seglg.contiguous(), coff, goff
 
 
@@ -418,23 +437,27 @@ class _SeqChunk(torch.autograd.Function):
         npass = -(-K // bks) * nvb
         L = segment_chunks(nt, npass * B * H, segment)
         S = -(-nt // L)
-        hs = torch.empty(B, nt, H, K, V, **f32)
+        ntp = S * L  # chunk count of the state layout: the last segment padded to L chunks (empty, past T)
+        hs = torch.empty(B, ntp, H, K, V, dtype=_state_dtype(q.dtype, any(ctx.needs_input_grad[3:7])),
+                         device=q.device)
         hseg = torch.empty(B, S, H, K, V, **f32)
         y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
         h0 = initial_state.contiguous() if initial_state is not None else hseg
-        _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, nt, L, K=K, V=V, BT=bt, BK=bks, BV=bv,
-                                        HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
+        _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, ntp, L, _trips(L), K=K, V=V, BT=bt,
+                                        BK=bks, BV=bv, HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
         if S > 1:
             seglg, coff, goff = _segment_offsets(lg, bt, nt, L)
             carry = torch.empty(B, S, H, K, V, **f32)
             hT = torch.empty(B, H, K, V, **f32)
-            _jit(_carry)[(npass, B * H)](hseg, seglg, carry, hT, H, S, K=K, V=V, BK=bks, BV=bv, REVERSE=False)
+            _jit(_carry)[(npass, B * H)](hseg, seglg, carry, hT, H, S, _trips(S), K=K, V=V, BK=bks, BV=bv,
+                                         REVERSE=False)
         else:
             seglg = coff = goff = carry = lg
             hT = hseg[:, 0]
-        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, nt, L, K=K, V=V,
+        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, ntp, L, K=K, V=V,
                                        BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec, UPCAST=_interpreting())
         ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff)
+        ctx.set_materialize_grads(False)  # an unused final state gets no zero-filled cotangent (None)
         ctx.gate_dtypes = [g.dtype for g in (source, transition, mark, direct)]
         ctx.meta = (bt, L, initial_state is not None, None if initial_state is None else initial_state.dtype)
         return y, hT
@@ -445,24 +468,26 @@ class _SeqChunk(torch.autograd.Function):
         bt, L, has_h0, h0_dtype = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
-        nt = hs.shape[1]
-        S = -(-nt // L)
+        ntp = hs.shape[1]  # padded chunk count of the state layout (S * L)
+        nt = -(-T // bt)
+        S = ntp // L
         bk, bv = _blocks(K, V)
         nvb = -(-V // bv)
         prec = _prec(q.dtype)
         f32 = dict(dtype=torch.float32, device=q.device)
         dy = (dy if dy is not None else torch.zeros_like(v)).to(v.dtype).contiguous()
-        dhs = torch.empty(B, nt, H, K, V, **f32)
+        dhs = torch.empty(B, ntp, H, K, V, dtype=hs.dtype, device=q.device)
         gseg = torch.empty(B, S, H, K, V, **f32)
         dhT_ = dhT.float().contiguous() if dhT is not None else gseg
         bks = min(bk, 64)
         npass = -(-K // bks) * nvb
-        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, nt, L, K=K, V=V, BT=bt, BK=bks,
-                                         BV=bv, HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
+        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, ntp, L, _trips(L), K=K, V=V, BT=bt,
+                                         BK=bks, BV=bv, HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         if S > 1:
             gcarry = torch.empty(B, S, H, K, V, **f32)
             dh0 = torch.empty(B, H, K, V, **f32)
-            _jit(_carry)[(npass, B * H)](gseg, seglg, gcarry, dh0, H, S, K=K, V=V, BK=bks, BV=bv, REVERSE=True)
+            _jit(_carry)[(npass, B * H)](gseg, seglg, gcarry, dh0, H, S, _trips(S), K=K, V=V, BK=bks, BV=bv,
+                                         REVERSE=True)
         else:
             gcarry = carry
             dh0 = gseg[:, 0]
@@ -470,7 +495,7 @@ class _SeqChunk(torch.autograd.Function):
         gate_grad = any(ctx.needs_input_grad[3:7])
         gbuf = [torch.empty(B, T, H, **f32) for _ in range(4)] if gate_grad else [dq] * 4
         _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk,
-                                     dv, *gbuf, T, H, nt, L, K=K, V=V, BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec,
+                                     dv, *gbuf, T, H, ntp, L, K=K, V=V, BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec,
                                      UPCAST=_interpreting(), GATE_GRAD=gate_grad)
         gates = [None] * 4
         if gate_grad:
@@ -496,9 +521,11 @@ def block_pointers_supported() -> bool:
     return (major, minor) < (3, 9)
 
 
-def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens) -> bool:
+def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens,
+                    transitions_positive: bool = False) -> bool:
     """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256,
-    every transition > 0 (a device sync on the transition tensor) and a triton with block pointers."""
+    every transition > 0 (a device sync on the transition tensor, skipped when the caller passes
+    ``transitions_positive=True``) and a triton with block pointers."""
     if cu_seqlens is not None or not (q.dtype == k.dtype == v.dtype):
         return False
     if not block_pointers_supported():
@@ -510,7 +537,7 @@ def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu
         return False
     if B * H > 65535 or -(-T // chunk_size_for(16, K)) > 65535:  # CUDA grid y/z limits of the launches
         return False
-    return bool((transition > 0).all())
+    return transitions_positive or bool((transition > 0).all())
 
 
 def plstm_sequence_chunk_triton(

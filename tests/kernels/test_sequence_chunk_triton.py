@@ -160,3 +160,34 @@ def test_dispatch_chunk_when_supported_scan_otherwise(monkeypatch):
         kseq.plstm_sequence_triton(*dev, *g_zero, strategy="chunk")
     with pytest.raises(ValueError, match="strategy"):
         kseq.plstm_sequence_triton(*dev, *g, strategy="fast")
+
+
+@pytest.mark.parametrize("gamma", [None, 0.9, [0.5, 0.8], -0.5])
+def test_retention_tells_the_dispatcher_what_it_knows_about_its_decays(monkeypatch, gamma):
+    # default decays, positive floats and CPU tensors are checked on the host: the dispatcher skips its
+    # synchronising check; a decay <= 0 is not claimed positive and falls back to the scan, still correct
+    seen = []
+    real = kchunk.chunk_supported
+    monkeypatch.setattr(kchunk, "chunk_supported",
+                        lambda *a, **kw: seen.append(kw.get("transitions_positive")) or real(*a, **kw))
+    (q, k, v), _, _ = _inputs(1, 20, 2, 16, 16, seed=11)
+    dev = [x.to(DEVICE) for x in (q, k, v)]
+    g = torch.tensor(gamma) if isinstance(gamma, list) else gamma
+    o, _ = retention(*dev, gamma=g, chunk_size=16, backend="triton")
+    o_ref, _ = retention(*dev, gamma=g, chunk_size=16, mode="recurrent")
+    assert seen == [gamma is None or gamma != -0.5]
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_16bit_inputs_store_16bit_states_only_without_gate_gradients():
+    assert kchunk._state_dtype(torch.bfloat16, gate_grad=False) == torch.bfloat16
+    assert kchunk._state_dtype(torch.float16, gate_grad=False) == torch.float16
+    assert kchunk._state_dtype(torch.bfloat16, gate_grad=True) == torch.float32
+    assert kchunk._state_dtype(torch.float32, gate_grad=False) == torch.float32
+
+
+@pytest.mark.parametrize("segment", [None, 2])
+def test_bf16_inputs_without_gate_grads_16bit_states(segment):
+    # the path retention takes in bf16: states stored in bf16, with and without segments
+    _check(B=1, T=70, H=2, K=16, V=32, chunk=16, dtype=torch.bfloat16, tol=4e-2, seed=12, gate_grad=False,
+           segment=segment)

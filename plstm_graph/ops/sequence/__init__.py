@@ -141,6 +141,14 @@ def plstm_sequence(
         (torch.Size([2, 10, 3, 4]), torch.Size([2, 3, 8, 4]), True)
     """
     _check(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, mode, chunk_size, backend)
+    return _plstm_sequence(q, k, v, source, transition, mark, direct, initial_state, output_final_state, mode,
+                           chunk_size, cu_seqlens, backend)
+
+
+def _plstm_sequence(q, k, v, source, transition, mark, direct, initial_state, output_final_state, mode, chunk_size,
+                    cu_seqlens, backend, transitions_positive: bool = False):
+    """:func:`plstm_sequence` after its checks. ``transitions_positive``: the caller knows every transition is
+    > 0 (retention's decays), so the Triton dispatcher skips its device-synchronising check."""
     if backend == "triton":
         if mode != "chunkwise":
             raise ValueError(f"backend='triton' implements mode='chunkwise' only, got mode={mode!r}")
@@ -153,7 +161,7 @@ def plstm_sequence(
 
         y, final = _ks.plstm_sequence_triton(
             q, k, v, source, transition, mark, direct, initial_state=initial_state, cu_seqlens=cu_seqlens,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, transitions_positive=transitions_positive,
         )
         return y, (final if output_final_state else None)
     out_dtype = v.dtype
@@ -177,17 +185,27 @@ def retention_gammas(num_heads: int, device=None, dtype: torch.dtype = torch.flo
     return 1.0 - torch.pow(2.0, -5.0 - torch.arange(num_heads, device=device, dtype=torch.float64)).to(dtype)
 
 
+_DEFAULT_GAMMAS = {}  # (H, device, dtype) -> retention_gammas; read-only inside this module
+
+
 def _retention_gates(q: torch.Tensor, gamma, scale):
     B, T, H, K = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
+    positive = gamma is None  # RetNet's default decays lie in (0, 1)
     if gamma is None:
-        gamma = retention_gammas(H, device=q.device, dtype=acc)
+        key = (H, q.device, acc)  # built once per (heads, device, dtype): four fewer launches per call on a GPU
+        gamma = _DEFAULT_GAMMAS.get(key)
+        if gamma is None:
+            gamma = _DEFAULT_GAMMAS[key] = retention_gammas(H, device=q.device, dtype=acc)
+    elif not (isinstance(gamma, torch.Tensor) and gamma.device.type != "cpu"):
+        gamma = torch.as_tensor(gamma, dtype=acc)
+        positive = bool((gamma > 0).all())  # read on the host: no device synchronisation later
     gamma = torch.as_tensor(gamma, dtype=acc, device=q.device)
     if gamma.dim() > 1 or gamma.numel() not in (1, H):
         raise ValueError(f"gamma must be a float or a [H] = [{H}] tensor of per-head decays, got {list(gamma.shape)}")
     decay = gamma.expand(H)
     scale = K ** -0.5 if scale is None else scale
-    return decay, scale
+    return decay, scale, positive
 
 
 def retention(
@@ -227,15 +245,13 @@ def retention(
         >>> bool(torch.allclose(o[0, 4, 0], o0, atol=1e-5))
         True
     """
-    decay, scale = _retention_gates(q, gamma, scale)
+    decay, scale, positive = _retention_gates(q, gamma, scale)
     B, T, H, _ = q.shape
     # scale * q folded into mark and direct (exact, and no extra pass over q or rounding of q in bf16)
     transition = decay.expand(B, T, H)
     mark = (decay * scale).expand(B, T, H)
     source = torch.ones((), dtype=decay.dtype, device=q.device).expand(B, T, H)
     direct = torch.full((), scale, dtype=decay.dtype, device=q.device).expand(B, T, H)
-    return plstm_sequence(
-        q, k, v, source, transition, mark, direct, initial_state=initial_state,
-        output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-        backend=backend,
-    )
+    _check(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, mode, chunk_size, backend)
+    return _plstm_sequence(q, k, v, source, transition, mark, direct, initial_state, output_final_state, mode,
+                           chunk_size, cu_seqlens, backend, transitions_positive=positive)
