@@ -30,7 +30,9 @@ Gate gradients (when a gate requires grad) come from the same program: with ``P 
 ``dd_t = P_tt``, ``dm_t = sum_j P_tj E_tj s_j + e^{b_{t-1}} qc_t``, ``ds_j = sum_t P_tj m_t E_tj + e^{b_last-b_j} kg_j``
 and ``d log tau`` from the gradients of ``b_{t-1}``, ``b_j`` and ``b_last`` (incl. ``e^{b_last} <C^-, G>``) by a
 reverse cumulative sum. The dispatcher in ``kernels/sequence.py`` sends packed ``cu_seqlens`` and
-non-positive transitions to the recurrent scan. ``T`` and the chunk count are runtime
+non-positive transitions to the recurrent scan. Gates given as one value per head (zero strides over B and T,
+as retention passes them) are read as ``[H]`` vectors (``GSB = GST = 0``), never copied to ``[B, T, H]``. ``T``
+and the chunk count are runtime
 arguments; only head dims, block sizes and dtype-derived flags are compile-time constants.
 """
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _jit(fn):
     kern = _JITTED.get(key)
     if kern is None:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-        kern = jit(do_not_specialize=[n for n in ("T", "NT", "L", "S", "TRIPS") if n in names])(fn)
+        kern = jit(do_not_specialize=[n for n in ("T", "GSB", "NT", "L", "S", "TRIPS") if n in names])(fn)
         if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
             kern = _Tuned(kern, [(w, st) for w in (4, 8) for st in (1, 2, 3)], ("K", "V", "BT", "BK", "BV"))
         _JITTED[key] = kern
@@ -106,13 +108,14 @@ def _dot_py(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
-def _gate_chunk_py(ptr, row0, t0, T, H, BT: tl.constexpr, other):
-    """Load one chunk of a [B, T, H] gate (row0 = b*T*H + h) as float32 [BT]; padded tokens get ``other``."""
+def _gate_chunk_py(ptr, g0, t0, T, GST, BT: tl.constexpr, other):
+    """Load one chunk of a gate as float32 [BT] (``g0 = b * GSB + h``, time stride ``GST``: ``T*H, H`` for
+    [B, T, H] gates, ``0, 0`` for per-head [H] ones); padded tokens get ``other``."""
     offt = t0 + tl.arange(0, BT)
-    return tl.load(ptr + row0 + offt.to(tl.int64) * H, mask=offt < T, other=other).to(tl.float32)
+    return tl.load(ptr + g0 + offt.to(tl.int64) * GST, mask=offt < T, other=other).to(tl.float32)
 
 
-def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L, TRIPS,
+def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, GSB, GST, NT, L, TRIPS,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            HAS_H0: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program per (K-block x V-block, b*h, segment of ``L`` chunks): the state pass over one segment, started
@@ -125,7 +128,8 @@ def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L, TRIPS,
     nseg = tl.num_programs(2)
     b = bh // H
     h = bh % H
-    row0 = b * T * H + h  # [B, T, H] gate offset of (b, 0, h)
+    row0 = b * T * H + h  # [B, T, H] offset of (b, 0, h)
+    grow = b * GSB + h  # gate offset of (b, 0, h)
     kbase = k + row0 * K
     vbase = v + row0 * V
     c = tl.zeros([BK, BV], dtype=tl.float32)
@@ -140,8 +144,8 @@ def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, NT, L, TRIPS,
         t0 = ci * BT
         ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, c.to(hs.dtype.element_ty), boundary_check=(0, 1))
-        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
-        s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
+        g = _gate_chunk(lg, grow, t0, T, GST, BT, 0.0)
+        s = _gate_chunk(src, grow, t0, T, GST, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         blast = tl.sum(g, axis=0)
         w = s * tl.exp(blast - bc)
@@ -177,13 +181,13 @@ def _carry(xseg, seglg, carry, final, H, S, TRIPS, K: tl.constexpr, V: tl.conste
     tl.store(pf, c, boundary_check=(0, 1))
 
 
-def _mask_matrix_py(lg, src, mrk, dirc, row0, t0, T, H, BT: tl.constexpr):
+def _mask_matrix_py(lg, src, mrk, dirc, g0, t0, T, GST, BT: tl.constexpr):
     """Gating of one chunk: M [BT, BT] (M_tj = m_t e^{b_{t-1}-b_j} s_j for j < t, M_tt = d_t, else 0),
     a_t = m_t e^{b_{t-1}} and w_j = s_j e^{b_last - b_j} (float32)."""
-    g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
-    s = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
-    m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
-    d = _gate_chunk(dirc, row0, t0, T, H, BT, 0.0)
+    g = _gate_chunk(lg, g0, t0, T, GST, BT, 0.0)
+    s = _gate_chunk(src, g0, t0, T, GST, BT, 0.0)
+    m = _gate_chunk(mrk, g0, t0, T, GST, BT, 0.0)
+    d = _gate_chunk(dirc, g0, t0, T, GST, BT, 0.0)
     bc = tl.cumsum(g, axis=0)
     bp = bc - g
     blast = tl.sum(g, axis=0)
@@ -195,7 +199,7 @@ def _mask_matrix_py(lg, src, mrk, dirc, row0, t0, T, H, BT: tl.constexpr):
     return mm, m * tl.exp(bp), s * tl.exp(blast - bc)
 
 
-def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
+def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, GSB, GST, NT, L,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            SEG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     vb = tl.program_id(0)
@@ -205,7 +209,7 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
     h = bh % H
     row0 = b * T * H + h
     t0 = ci * BT
-    mm, a, _ = _mask_matrix(lg, src, mrk, dirc, row0, t0, T, H, BT)
+    mm, a, _ = _mask_matrix(lg, src, mrk, dirc, b * GSB + h, t0, T, GST, BT)
     pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
@@ -227,7 +231,7 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, NT, L,
     tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
 
 
-def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L, TRIPS,
+def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, GSB, GST, NT, L, TRIPS,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             HAS_DHT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The adjoint state pass over one segment (chunks backwards), started from zero (from ``dhT`` in the
@@ -250,8 +254,8 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L, TRIPS,
         t0 = ci * BT
         ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
         tl.store(ph, gs.to(dhs.dtype.element_ty), boundary_check=(0, 1))
-        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
-        m = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+        g = _gate_chunk(lg, b * GSB + h, t0, T, GST, BT, 0.0)
+        m = _gate_chunk(mrk, b * GSB + h, t0, T, GST, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         a = m * tl.exp(bc - g)
         blast = tl.sum(g, axis=0)
@@ -265,7 +269,7 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, NT, L, TRIPS,
 
 
 def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk, dv, dsrc, dlg, dmrk,
-              ddir, T, H, NT, L,
+              ddir, T, H, GSB, GST, NT, L,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               SEG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GATE_GRAD: tl.constexpr):
     ci = tl.program_id(0)
@@ -274,7 +278,7 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
     h = bh % H
     row0 = b * T * H + h
     t0 = ci * BT
-    mm, a, w = _mask_matrix(lg, src, mrk, dirc, row0, t0, T, H, BT)
+    mm, a, w = _mask_matrix(lg, src, mrk, dirc, b * GSB + h, t0, T, GST, BT)
     pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
     qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
@@ -328,9 +332,9 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
     tl.store(pdq, gq.to(dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(pdk, gk.to(dk.dtype.element_ty), boundary_check=(0, 1))
     if GATE_GRAD:
-        g = _gate_chunk(lg, row0, t0, T, H, BT, 0.0)
-        sg = _gate_chunk(src, row0, t0, T, H, BT, 0.0)
-        mg = _gate_chunk(mrk, row0, t0, T, H, BT, 0.0)
+        g = _gate_chunk(lg, b * GSB + h, t0, T, GST, BT, 0.0)
+        sg = _gate_chunk(src, b * GSB + h, t0, T, GST, BT, 0.0)
+        mg = _gate_chunk(mrk, b * GSB + h, t0, T, GST, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         bp = bc - g
         blast = tl.sum(g, axis=0)
@@ -426,8 +430,14 @@ class _SeqChunk(torch.autograd.Function):
         V = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         f32 = dict(dtype=torch.float32, device=q.device)
-        src, mrk, dirc = (g.to(torch.float32).contiguous() for g in (source, mark, direct))
-        lg = torch.log(transition.to(torch.float32)).contiguous()
+        gates = (source, transition, mark, direct)
+        if all(g.stride(0) == 0 and g.stride(1) == 0 for g in gates):  # one value per head (retention's gates)
+            gates = [g[0, 0] for g in gates]  # read as [H] with zero batch and time strides: no [B, T, H] copies
+            gsb = gst = 0
+        else:
+            gsb, gst = T * H, H
+        src, mrk, dirc = (g.to(torch.float32).contiguous() for g in (gates[0], gates[2], gates[3]))
+        lg = torch.log(gates[1].to(torch.float32)).contiguous()
         bt = chunk_size_for(chunk_size, K)
         nt = -(-T // bt)
         bk, bv = _blocks(K, V)
@@ -443,10 +453,10 @@ class _SeqChunk(torch.autograd.Function):
         hseg = torch.empty(B, S, H, K, V, **f32)
         y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
         h0 = initial_state.contiguous() if initial_state is not None else hseg
-        _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, ntp, L, _trips(L), K=K, V=V, BT=bt,
+        _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, gsb, gst, ntp, L, _trips(L), K=K, V=V, BT=bt,
                                         BK=bks, BV=bv, HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
         if S > 1:
-            seglg, coff, goff = _segment_offsets(lg, bt, nt, L)
+            seglg, coff, goff = _segment_offsets(lg.expand(B, T, H), bt, nt, L)
             carry = torch.empty(B, S, H, K, V, **f32)
             hT = torch.empty(B, H, K, V, **f32)
             _jit(_carry)[(npass, B * H)](hseg, seglg, carry, hT, H, S, _trips(S), K=K, V=V, BK=bks, BV=bv,
@@ -454,18 +464,18 @@ class _SeqChunk(torch.autograd.Function):
         else:
             seglg = coff = goff = carry = lg
             hT = hseg[:, 0]
-        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, ntp, L, K=K, V=V,
+        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, gsb, gst, ntp, L, K=K, V=V,
                                        BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec, UPCAST=_interpreting())
         ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff)
         ctx.set_materialize_grads(False)  # an unused final state gets no zero-filled cotangent (None)
         ctx.gate_dtypes = [g.dtype for g in (source, transition, mark, direct)]
-        ctx.meta = (bt, L, initial_state is not None, None if initial_state is None else initial_state.dtype)
+        ctx.meta = (bt, L, initial_state is not None, None if initial_state is None else initial_state.dtype, gsb, gst)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
         q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff = ctx.saved_tensors
-        bt, L, has_h0, h0_dtype = ctx.meta
+        bt, L, has_h0, h0_dtype, gsb, gst = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
         ntp = hs.shape[1]  # padded chunk count of the state layout (S * L)
@@ -481,7 +491,7 @@ class _SeqChunk(torch.autograd.Function):
         dhT_ = dhT.float().contiguous() if dhT is not None else gseg
         bks = min(bk, 64)
         npass = -(-K // bks) * nvb
-        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, ntp, L, _trips(L), K=K, V=V, BT=bt,
+        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, gsb, gst, ntp, L, _trips(L), K=K, V=V, BT=bt,
                                          BK=bks, BV=bv, HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         if S > 1:
             gcarry = torch.empty(B, S, H, K, V, **f32)
@@ -495,8 +505,8 @@ class _SeqChunk(torch.autograd.Function):
         gate_grad = any(ctx.needs_input_grad[3:7])
         gbuf = [torch.empty(B, T, H, **f32) for _ in range(4)] if gate_grad else [dq] * 4
         _jit(_bwd_dqkv)[(nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk,
-                                     dv, *gbuf, T, H, ntp, L, K=K, V=V, BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec,
-                                     UPCAST=_interpreting(), GATE_GRAD=gate_grad)
+                                     dv, *gbuf, T, H, gsb, gst, ntp, L, K=K, V=V, BT=bt, BK=bk, BV=bv, SEG=S > 1,
+                                     PREC=prec, UPCAST=_interpreting(), GATE_GRAD=gate_grad)
         gates = [None] * 4
         if gate_grad:
             d_src, d_lg, d_mrk, d_dir = gbuf

@@ -191,3 +191,28 @@ def test_bf16_inputs_without_gate_grads_16bit_states(segment):
     # the path retention takes in bf16: states stored in bf16, with and without segments
     _check(B=1, T=70, H=2, K=16, V=32, chunk=16, dtype=torch.bfloat16, tol=4e-2, seed=12, gate_grad=False,
            segment=segment)
+
+
+@pytest.mark.parametrize("segment", [None, 3])
+def test_per_head_gates_read_without_copies_match_the_oracle(segment):
+    # gates that are one value per head expanded over [B, T, H] (retention; a learnable per-head decay) are read
+    # as [H] vectors with zero strides; outputs and the gradients of the [H] parameters (summed over B and T)
+    B, T, H, K, V = 2, 45, 3, 16, 16
+    (q, k, v), _, h0 = _inputs(B, T, H, K, V, seed=13)
+    g = torch.Generator().manual_seed(14)
+    per_head = [torch.rand(H, generator=g) * 0.8 + 0.2 for _ in range(4)]
+    outs = []
+    for dev, dt in ((DEVICE, torch.float32), ("cpu", torch.float64)):
+        leaves = [x.to(dev, dt).requires_grad_() for x in (q, k, v)]
+        params = [p.to(dev, dt).requires_grad_() for p in per_head]
+        gates = [p.expand(B, T, H) for p in params]
+        init = h0.to(dev, dt)
+        if dev == "cpu" and dt == torch.float64:
+            y, fin = plstm_sequence(*leaves, *gates, initial_state=init, output_final_state=True, mode="recurrent")
+        else:
+            y, fin = kchunk.plstm_sequence_chunk_triton(*leaves, *gates, initial_state=init, chunk_size=16,
+                                                        segment=segment)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+        grads = torch.autograd.grad((y * dy.to(y.device, y.dtype)).sum(), leaves + params)
+        outs.append((y, fin) + grads)
+    _compare(outs[0], outs[1], 1e-5, ["y", "final", "dq", "dk", "dv", "dsource", "dtransition", "dmark", "ddirect"])
