@@ -185,18 +185,23 @@ def retention_gammas(num_heads: int, device=None, dtype: torch.dtype = torch.flo
     return 1.0 - torch.pow(2.0, -5.0 - torch.arange(num_heads, device=device, dtype=torch.float64)).to(dtype)
 
 
-_DEFAULT_GAMMAS = {}  # (H, device, dtype) -> retention_gammas; read-only inside this module
+_DEFAULT_GATES = {}  # (H, device, dtype, scale) -> retention's four [H] gate vectors for the default decays
 
 
 def _retention_gates(q: torch.Tensor, gamma, scale):
+    """retention's gates as four per-head ``[H]`` vectors ``(source, transition, mark, direct)`` (``scale`` folded
+    into mark and direct), and whether every decay is known > 0 on the host. For the default decays they are
+    built once per (heads, device, dtype, scale): no launches per call on a GPU."""
     B, T, H, K = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
-    positive = gamma is None  # RetNet's default decays lie in (0, 1)
-    if gamma is None:
-        key = (H, q.device, acc)  # built once per (heads, device, dtype): four fewer launches per call on a GPU
-        gamma = _DEFAULT_GAMMAS.get(key)
-        if gamma is None:
-            gamma = _DEFAULT_GAMMAS[key] = retention_gammas(H, device=q.device, dtype=acc)
+    scale = K ** -0.5 if scale is None else scale
+    default = gamma is None
+    key = (H, q.device, acc, float(scale))
+    if default and key in _DEFAULT_GATES:
+        return _DEFAULT_GATES[key], True
+    positive = default  # RetNet's default decays lie in (0, 1)
+    if default:
+        gamma = retention_gammas(H, device=q.device, dtype=acc)
     elif not (isinstance(gamma, torch.Tensor) and gamma.device.type != "cpu"):
         gamma = torch.as_tensor(gamma, dtype=acc)
         positive = bool((gamma > 0).all())  # read on the host: no device synchronisation later
@@ -204,8 +209,11 @@ def _retention_gates(q: torch.Tensor, gamma, scale):
     if gamma.dim() > 1 or gamma.numel() not in (1, H):
         raise ValueError(f"gamma must be a float or a [H] = [{H}] tensor of per-head decays, got {list(gamma.shape)}")
     decay = gamma.expand(H)
-    scale = K ** -0.5 if scale is None else scale
-    return decay, scale, positive
+    gates = (torch.ones(H, dtype=acc, device=q.device), decay, decay * scale,
+             torch.full((H,), scale, dtype=acc, device=q.device))
+    if default and len(_DEFAULT_GATES) < 256:
+        _DEFAULT_GATES[key] = gates
+    return gates, positive
 
 
 def retention(
@@ -245,13 +253,11 @@ def retention(
         >>> bool(torch.allclose(o[0, 4, 0], o0, atol=1e-5))
         True
     """
-    decay, scale, positive = _retention_gates(q, gamma, scale)
     B, T, H, _ = q.shape
-    # scale * q folded into mark and direct (exact, and no extra pass over q or rounding of q in bf16)
-    transition = decay.expand(B, T, H)
-    mark = (decay * scale).expand(B, T, H)
-    source = torch.ones((), dtype=decay.dtype, device=q.device).expand(B, T, H)
-    direct = torch.full((), scale, dtype=decay.dtype, device=q.device).expand(B, T, H)
+    # scale * q folded into mark and direct (exact, and no extra pass over q or rounding of q in bf16); the
+    # per-head gates are expanded views (the Triton kernels read them as [H] vectors, no copies)
+    gates, positive = _retention_gates(q, gamma, scale)
+    source, transition, mark, direct = (g.expand(B, T, H) for g in gates)
     _check(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens, mode, chunk_size, backend)
     return _plstm_sequence(q, k, v, source, transition, mark, direct, initial_state, output_final_state, mode,
                            chunk_size, cu_seqlens, backend, transitions_positive=positive)
