@@ -124,7 +124,7 @@ def main(argv=None):
                 print(f"| {side}x{side} | {bh} | {dk} | {tile} | OOM | | | | |")
                 continue
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            ratio = f"{anchor / ms:.1f}x" if anchor and not args.small else "-"
+            ratio = f"{anchor / ms:.1f}x" if anchor and not (args.small or args.tiny) and ms == ms else "-"
             err = "-" if args.no_check else f"{rel_error(op, x, tile):.1e}"
             print(f"| {side}x{side} | {bh} | {dk} | {tile} | {ms:.2f} | {mem:.0f} | {anchor or '-'} | {ratio} | {err} |",
                   flush=True)

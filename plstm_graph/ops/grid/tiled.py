@@ -253,7 +253,8 @@ def _row_matrices(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     Px = P9 // 9
     fwd, _, _, tshift, below, lower = _row_index(Px, g.device, g.dtype)
     t = _pick(g, tshift)  # [W, Py, Px+1]: trans_rr[a-1] at a
-    Q = torch.where(below, t[..., :, None], 1.0).cumprod(dim=-2) * lower  # Q[a, b] = prod_{b <= l < a} trans_rr[l]
+    one = _cached_index("one", g.device, lambda: 1, g.dtype)
+    Q = torch.where(below, t[..., :, None], one).cumprod(dim=-2) * lower  # Q[a, b] = prod_{b <= l < a} trans_rr[l]
     V = torch.cat([g, Q.flatten(-2)], dim=-1)
     o = _pick(V, fwd).view(W, Py, 3, -1).prod(dim=-2)
     return o, V
@@ -496,6 +497,8 @@ def _to_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
     if pad_y or pad_x:
         t = F.pad(t, [0, 0, 0, 0, 0, pad_x, 0, pad_y])
     t = t.reshape(B, nyt, Py, nxt, Px, H, f).permute(1, 3, 0, 5, 2, 4, 6)  # [nyt, nxt, B, H, Py, Px, F] view
+    if len(tys) == 1:  # one tile: a reshape (one copy; no gather, and no scatter in the backward)
+        return t.reshape(B * H, Py * Px, f)
     idx_y = _cached_index(("tys", tys), t.device, lambda: tys)
     idx_x = _cached_index(("txs", txs), t.device, lambda: txs)
     return t[idx_y, idx_x].reshape(len(tys) * B * H, Py * Px, f)
@@ -511,8 +514,10 @@ def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: in
     """Inverse of :func:`_to_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]``."""
     nyt, nxt = -(-Y // Py), -(-X // Px)
     f = t.shape[-1]
-    inv = _tile_positions(tys, txs, nxt, t.device)  # row-major -> position
-    t = t.reshape(len(tys), B, H, Py, Px, f)[inv].reshape(nyt, nxt, B, H, Py, Px, f)
+    t = t.reshape(len(tys), B, H, Py, Px, f)
+    if len(tys) > 1:
+        t = t[_tile_positions(tys, txs, nxt, t.device)]  # row-major -> position
+    t = t.reshape(nyt, nxt, B, H, Py, Px, f)
     return t.permute(2, 0, 4, 1, 5, 3, 6).reshape(B, nyt * Py, nxt * Px, H, f)[:, :Y, :X]
 
 
