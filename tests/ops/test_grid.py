@@ -226,3 +226,22 @@ def test_merge_maps_equal_strip_merge(n, h, Px, final):
     if final:
         ref = ref[:, torch.tensor(_block_order(2 * (n + h) + Px, 2 * n))]
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("Y,X,Py,Px", [(5, 7, 2, 3), (4, 4, 2, 2), (1, 6, 1, 4), (6, 1, 4, 1)])
+def test_retile_adjoint_and_gradcheck(Y, X, Py, Px):
+    # _to_tiles / _from_tiles: each other's backward (a gather, no accumulating scatter); padding included
+    from plstm_graph.ops.grid.tiled import _diagonal_plan, _from_tiles, _to_tiles
+
+    B, H, f = 2, 3, 2
+    tys, txs, _ = _diagonal_plan(-(-Y // Py), -(-X // Px))
+    gen = torch.Generator().manual_seed(Y * X)
+    t = torch.randn(B, Y, X, H, f, generator=gen, dtype=torch.float64, requires_grad=True)
+    tiled = _to_tiles(t, Py, Px, tys, txs)
+    torch.testing.assert_close(_from_tiles(tiled, B, H, Y, X, Py, Px, tys, txs), t, rtol=0, atol=0)
+    u = torch.randn(tiled.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    # adjoint: <to(t), u> == <t, from(u)> (from cuts the padding, to pads zeros)
+    torch.testing.assert_close((tiled * u).sum(), (t * _from_tiles(u, B, H, Y, X, Py, Px, tys, txs)).sum())
+    assert torch.autograd.gradcheck(lambda a: _to_tiles(a, Py, Px, tys, txs), [t])
+    assert torch.autograd.gradgradcheck(lambda a: _to_tiles(a, Py, Px, tys, txs), [t])
+    assert torch.autograd.gradcheck(lambda a: _from_tiles(a, B, H, Y, X, Py, Px, tys, txs), [u])

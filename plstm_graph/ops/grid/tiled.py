@@ -488,16 +488,16 @@ def _diagonal_plan(nyt: int, nxt: int):
     return tuple(tys), tuple(txs), tuple(steps)
 
 
-def _to_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
+def _gather_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
     """``[B, Y, X, H, F]`` -> ``[T * B * H, Py * Px, F]`` (zero-padded to whole tiles), tiles in the order
-    ``(tys, txs)`` (outermost), then batch, then head: one gather."""
+    ``(tys, txs)`` (outermost), then batch, then head: one gather (a reshape for one tile)."""
     B, Y, X, H, f = t.shape
     nyt, nxt = -(-Y // Py), -(-X // Px)
     pad_y, pad_x = nyt * Py - Y, nxt * Px - X
     if pad_y or pad_x:
         t = F.pad(t, [0, 0, 0, 0, 0, pad_x, 0, pad_y])
     t = t.reshape(B, nyt, Py, nxt, Px, H, f).permute(1, 3, 0, 5, 2, 4, 6)  # [nyt, nxt, B, H, Py, Px, F] view
-    if len(tys) == 1:  # one tile: a reshape (one copy; no gather, and no scatter in the backward)
+    if len(tys) == 1:
         return t.reshape(B * H, Py * Px, f)
     idx_y = _cached_index(("tys", tys), t.device, lambda: tys)
     idx_x = _cached_index(("txs", txs), t.device, lambda: txs)
@@ -510,8 +510,8 @@ def _tile_positions(tys, txs, nxt: int, device) -> torch.Tensor:
                          lambda: sorted(range(len(tys)), key=lambda p: tys[p] * nxt + txs[p]))
 
 
-def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: int, tys, txs) -> torch.Tensor:
-    """Inverse of :func:`_to_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]``."""
+def _scatter_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: int, tys, txs) -> torch.Tensor:
+    """Inverse of :func:`_gather_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]`` (padding cut)."""
     nyt, nxt = -(-Y // Py), -(-X // Px)
     f = t.shape[-1]
     t = t.reshape(len(tys), B, H, Py, Px, f)
@@ -519,6 +519,39 @@ def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: in
         t = t[_tile_positions(tys, txs, nxt, t.device)]  # row-major -> position
     t = t.reshape(nyt, nxt, B, H, Py, Px, f)
     return t.permute(2, 0, 4, 1, 5, 3, 6).reshape(B, nyt * Py, nxt * Px, H, f)[:, :Y, :X]
+
+
+class _Retile(torch.autograd.Function):
+    """:func:`_gather_tiles` (``to_tiles``) or :func:`_scatter_tiles` as an autograd node whose backward is the
+    other one: they are adjoint (a permutation with zero padding / cropping), so the backward is a gather, not
+    autograd's zeros + accumulating ``index_put`` (a sort on CUDA). Twice differentiable.
+    ``shape = (B, H, Y, X, Py, Px, tys, txs)``."""
+
+    @staticmethod
+    def forward(ctx, t, to_tiles, shape):
+        ctx.meta = (to_tiles, shape)
+        B, H, Y, X, Py, Px, tys, txs = shape
+        return _gather_tiles(t, Py, Px, tys, txs) if to_tiles else _scatter_tiles(t, *shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        to_tiles, shape = ctx.meta
+        return _Retile.apply(g, not to_tiles, shape), None, None
+
+
+def _to_tiles(t: torch.Tensor, Py: int, Px: int, tys, txs) -> torch.Tensor:
+    """``[B, Y, X, H, F]`` -> ``[T * B * H, Py * Px, F]``: :func:`_gather_tiles`, differentiated by
+    :func:`_scatter_tiles` (one tile: plain autograd through a reshape, no op in the backward)."""
+    if len(tys) == 1:
+        return _gather_tiles(t, Py, Px, tys, txs)
+    B, Y, X, H, _ = t.shape
+    return _Retile.apply(t, True, (B, H, Y, X, Py, Px, tys, txs))
+
+
+def _from_tiles(t: torch.Tensor, B: int, H: int, Y: int, X: int, Py: int, Px: int, tys, txs) -> torch.Tensor:
+    """Inverse of :func:`_to_tiles`: ``[T * B * H, Py * Px, F]`` -> ``[B, Y, X, H, F]``."""
+    shape = (B, H, Y, X, Py, Px, tys, txs)
+    return _scatter_tiles(t, *shape) if len(tys) == 1 else _Retile.apply(t, False, shape)
 
 
 class _Wavefront(torch.autograd.Function):
