@@ -391,6 +391,7 @@ class _TileBlocks(torch.autograd.Function):
             o = _pick(torch.cat(src + [_zero(o, W, c // 2, 1)], dim=-1), fwd)
             h, R = 2 * h, 2 * (n + h) + Px
         o = o.view(W, -1)
+        ctx.set_materialize_grads(False)  # blocks nothing reads (one tile: Min, Sout, Tb) get no zero gradient
         ctx.save_for_backward(V, *[lv[0] for lv in levels])
         ctx.meta = ([lv[1:] for lv in levels], (W, Py, Px))
         return (o[:, :N * N].view(W, N, N), o[:, N * N:N * (N + A)].view(W, N, A),
