@@ -9,6 +9,14 @@ Shapes and anchors: the public reference 2D implementation (ml-jku/plstm) measur
     python benchmarks/grid.py --device cpu --small             # CPU smoke run (smaller batches)
     python benchmarks/grid.py --sizes 64 --tiles 8 --profile   # + a torch.profiler table per row
     python benchmarks/grid.py --triton off                     # CUDA without the fused Triton kernels
+    python benchmarks/grid.py --device cpu --small --count-ops # host work: ops, autograd nodes, launches
+    TRITON_INTERPRET=1 python benchmarks/grid.py --device cpu --tiny --count-ops --triton on --reps 0  # CUDA path
+    python benchmarks/grid.py --device cpu --tiny --reps 30 --no-check  # host time (BH = 4, K = V = 4)
+
+``--count-ops`` runs one forward+backward under torch.profiler and counts what a GPU would launch: aten ops
+that do work (the innermost op of each call chain that is not a view, metadata or an allocation), Triton
+kernel launches (timed under the interpreter but counted as one launch each) and autograd nodes run by the
+backward. On a GPU this operator is host-bound (launch overhead), so these counts track its wall time.
 """
 from __future__ import annotations
 
@@ -60,9 +68,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="divide batch x heads by 16 (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"batch x heads = {HEADS}, K = V = 4: compute is negligible, the time is host overhead")
+    p.add_argument("--count-ops", action="store_true",
+                   help="per row: kernel-launching aten ops, Triton launches and autograd nodes of one fwd+bwd")
     p.add_argument("--tiles", default="auto", help="comma list of tile sides, 'auto' = the default rule")
     p.add_argument("--sizes", default="16,32,64,128")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions (median); 0 = no timing")
     p.add_argument("--compile", action="store_true", help="wrap the operator in torch.compile")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--triton", choices=("auto", "on", "off"), default="auto",
@@ -97,6 +109,8 @@ def main(argv=None):
             continue
         if args.small:
             bh = max(HEADS, bh // 16)
+        if args.tiny:
+            bh, dk = HEADS, 4
         tiles = [default_tile(side, side)[0]] if args.tiles == "auto" else [int(t) for t in args.tiles.split(",")]
         for tile in tiles:
             x = inputs(side, bh, dk, device)
@@ -105,17 +119,19 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 op = lambda *a: fn(*a, backend="tiled", tile=tile, use_triton=use_triton)  # noqa: E731
-                ms = bench(op, x, device, args.reps)
+                ms = bench(op, x, device, args.reps) if args.reps else float("nan")
             except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
                 print(f"| {side}x{side} | {bh} | {dk} | {tile} | OOM | | | | |")
                 continue
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            ratio = f"{anchor / ms:.1f}x" if anchor and not args.small else "-"
+            ratio = f"{anchor / ms:.1f}x" if anchor and not (args.small or args.tiny) and ms == ms else "-"
             err = "-" if args.no_check else f"{rel_error(op, x, tile):.1e}"
             print(f"| {side}x{side} | {bh} | {dk} | {tile} | {ms:.2f} | {mem:.0f} | {anchor or '-'} | {ratio} | {err} |",
                   flush=True)
             if args.profile:
                 profile(op, x, device, args.profile_rows, f"{side}x{side} tile {tile}")
+            if args.count_ops:
+                print(f"  ops {side}x{side} tile {tile}: " + format_counts(count_ops(op, x, device)), flush=True)
 
 
 def rel_error(op, x, tile) -> float:
@@ -131,6 +147,82 @@ def rel_error(op, x, tile) -> float:
     grads_ref = torch.autograd.grad((y_ref * w.double()).sum(), ref_leaves)
     rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa: E731
     return max([rel(y, y_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)])
+
+
+# aten ops that launch no kernel: views, metadata, allocations (what they call, e.g. copy_ or fill_, is counted)
+NO_LAUNCH = frozenset(
+    "empty empty_strided empty_like new_empty new_empty_strided view _unsafe_view reshape _reshape_alias "
+    "as_strided transpose t permute select slice unsqueeze squeeze expand expand_as alias detach detach_ unbind "
+    "split split_with_sizes chunk narrow diagonal flatten unflatten view_as resolve_conj resolve_neg lift_fresh "
+    "is_same_size result_type _has_compatible_shallow_copy_type set_ unfold movedim mT to contiguous "
+    "numpy_T broadcast_to _nested_tensor_from_mask_left_aligned clone zero_ zeros zeros_like new_zeros "
+    "ones_like resize_ promote_types".split())
+
+
+def count_ops(fn, args, device) -> dict:
+    """One forward+backward of ``fn(*args)`` (after a warm-up) under torch.profiler: ``ops`` = the aten ops
+    that launch a kernel (an op counts when its name is not in :data:`NO_LAUNCH` and nothing it calls counts;
+    so ``zeros -> zero_ -> fill_`` is one ``fill_``), ``triton`` = Triton kernel launches (what the CPU
+    interpreter runs inside one is not counted), ``nodes`` = autograd nodes evaluated by the backward
+    (without AccumulateGrad), ``by_name`` = ops per name."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.profiler import record_function
+
+    def step():
+        y = fn(*args)
+        y.backward(torch.ones_like(y))
+    step()
+    sync(device)
+    orig_jit = kgrid._jit
+
+    def counted_jit(kernel):  # tag every launch, so the interpreter's own tensor work is not counted as ops
+        jitted = orig_jit(kernel)
+
+        class Tagged:
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    with record_function(f"triton::{kernel.__name__}"):
+                        return jitted[grid](*a, **kw)
+                return launch
+        return Tagged()
+    kgrid._jit = counted_jit
+    try:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+            sync(device)
+    finally:
+        kgrid._jit = orig_jit
+    by_name, nodes, triton = Counter(), Counter(), 0
+
+    def visit(ev) -> bool:  # True if ev or something it calls was counted
+        nonlocal triton
+        if ev.name.startswith("triton::"):
+            triton += 1
+            return True
+        if ev.name.startswith("autograd::engine::evaluate_function: "):
+            name = ev.name.split(": ", 1)[1]
+            if name != "torch::autograd::AccumulateGrad":
+                nodes[name] += 1
+        below = [visit(c) for c in ev.cpu_children]
+        if any(below):
+            return True
+        if ev.name.startswith("aten::") and ev.name[6:] not in NO_LAUNCH:
+            by_name[ev.name[6:]] += 1
+            return True
+        return False
+    for ev in prof.events():
+        if ev.cpu_parent is None:
+            visit(ev)
+    return {"ops": sum(by_name.values()), "triton": triton, "nodes": sum(nodes.values()), "by_name": by_name,
+            "node_names": nodes}
+
+
+def format_counts(c: dict, top: int = 12) -> str:
+    names = ", ".join(f"{n} {k}" for n, k in c["by_name"].most_common(top))
+    return f"{c['ops']} aten ops + {c['triton']} Triton launches, {c['nodes']} autograd nodes ({names})"
 
 
 def profile(fn, args, device, rows, title):
