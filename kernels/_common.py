@@ -62,26 +62,26 @@ _UNFIT = ("OutOfResources", "CompileTimeAssertionFailure", "PTXASError")
 
 
 class Tuned:
-    """``triton.autotune`` without its per-launch cost: the first launch for a key (the values of ``key_names``
-    among the keyword arguments, plus the dtypes of the tensor arguments) times every ``(num_warps,
+    """``triton.autotune`` without its per-launch cost: the first launch for a key (every keyword argument, i.e.
+    every constexpr the launch passes, plus the dtypes of the tensor arguments: one key per compiled variant, so
+    a config chosen for one variant is never reused by another that may not fit) times every ``(num_warps,
     num_stages)`` config with ``triton.testing.do_bench`` and keeps the fastest; every later launch goes
     straight to the JIT function with that config. Triton's ``Autotuner.run`` rebuilds an argument dict and key
     on every call, which on a host-bound step (retention fwd+bwd: four launches in ~1 ms of GPU work) measured
     ~15-35 us per launch on an H200 host. The kernels must be idempotent (they only store), as the timing
     runs them repeatedly.
 
-    Launch as ``Tuned(jit_fn, [(4, 1), (8, 2)], ["K", "BT"])[grid](*args, **constexprs)``."""
+    Launch as ``Tuned(jit_fn, [(4, 1), (8, 2)])[grid](*runtime_args, **constexprs)``."""
 
-    def __init__(self, fn, configs, key_names):
-        self.fn, self.configs, self.key_names = fn, list(configs), tuple(key_names)
+    def __init__(self, fn, configs):
+        self.fn, self.configs = fn, list(configs)
         self.best = {}
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid, args, kwargs):
-        key = tuple(kwargs.get(n) for n in self.key_names) + tuple(
-            str(a.dtype) for a in args if hasattr(a, "data_ptr"))
+        key = tuple(sorted(kwargs.items())) + tuple(str(a.dtype) for a in args if hasattr(a, "data_ptr"))
         cfg = self.best.get(key)
         if cfg is None:
             cfg = self.best[key] = self._tune(grid, args, kwargs)

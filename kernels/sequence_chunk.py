@@ -85,8 +85,8 @@ def _jit(fn):
     if kern is None:
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
         kern = jit(do_not_specialize=[n for n in ("T", "GSB", "NT", "L", "S", "TRIPS") if n in names])(fn)
-        if not mode:  # GPU: pick warps/stages per head dims and blocks (never per T); kernels only store
-            kern = _Tuned(kern, [(w, st) for w in (4, 8) for st in (1, 2, 3)], ("K", "V", "BT", "BK", "BV"))
+        if not mode:  # GPU: warps/stages per compiled variant (constexprs, dtypes; never per T); kernels only store
+            kern = _Tuned(kern, [(w, st) for w in (4, 8) for st in (1, 2, 3)])
         _JITTED[key] = kern
     return kern
 
@@ -454,7 +454,8 @@ class _SeqChunk(torch.autograd.Function):
         y = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
         h0 = initial_state.contiguous() if initial_state is not None else hseg
         _jit(_fwd_h)[(npass, B * H, S)](k, v, src, lg, h0, hs, hseg, T, H, gsb, gst, ntp, L, _trips(L), K=K, V=V, BT=bt,
-                                        BK=bks, BV=bv, HAS_H0=initial_state is not None, PREC=prec, UPCAST=_interpreting())
+                                        BK=bks, BV=bv, HAS_H0=initial_state is not None, PREC=prec,
+                                        UPCAST=_interpreting())
         if S > 1:
             seglg, coff, goff = _segment_offsets(lg.expand(B, T, H), bt, nt, L)
             carry = torch.empty(B, S, H, K, V, **f32)
@@ -464,7 +465,8 @@ class _SeqChunk(torch.autograd.Function):
         else:
             seglg = coff = goff = carry = lg
             hT = hseg[:, 0]
-        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, gsb, gst, ntp, L, K=K, V=V,
+        _jit(_fwd_o)[(nvb, nt, B * H)](q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, gsb, gst, ntp, L,
+                                       K=K, V=V,
                                        BT=bt, BK=bk, BV=bv, SEG=S > 1, PREC=prec, UPCAST=_interpreting())
         ctx.save_for_backward(q, k, v, src, lg, mrk, dirc, hs, carry, seglg, coff, goff)
         ctx.set_materialize_grads(False)  # an unused final state gets no zero-filled cotangent (None)
@@ -491,7 +493,8 @@ class _SeqChunk(torch.autograd.Function):
         dhT_ = dhT.float().contiguous() if dhT is not None else gseg
         bks = min(bk, 64)
         npass = -(-K // bks) * nvb
-        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, gsb, gst, ntp, L, _trips(L), K=K, V=V, BT=bt,
+        _jit(_bwd_dh)[(npass, B * H, S)](q, dy, lg, mrk, dhT_, dhs, gseg, T, H, gsb, gst, ntp, L, _trips(L), K=K,
+                                         V=V, BT=bt,
                                          BK=bks, BV=bv, HAS_DHT=dhT is not None, PREC=prec, UPCAST=_interpreting())
         if S > 1:
             gcarry = torch.empty(B, S, H, K, V, **f32)

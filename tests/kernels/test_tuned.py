@@ -49,7 +49,7 @@ def fake_bench(monkeypatch):
 
 def test_tuned_picks_the_fastest_fitting_config_once_per_key(fake_bench):
     kern, calls = fake_bench
-    tuned = Tuned(kern, [(4, 1), (8, 2), (4, 3)], ["K"])
+    tuned = Tuned(kern, [(4, 1), (8, 2), (4, 3)])
     x = torch.zeros(3)
     tuned[(2, 1)](x, 5, K=16)
     assert sorted(calls) == [(4, 1, 16), (8, 2, 16)]  # (4, 3) skipped: does not fit
@@ -58,8 +58,9 @@ def test_tuned_picks_the_fastest_fitting_config_once_per_key(fake_bench):
     tuned[(7, 1)](x, 9, K=16)  # same key (runtime ints and grid do not count): no new timing
     assert len(calls) == n and kern.launches[-1] == ((7, 1), 8, 2, 16)
     tuned[(2, 1)](x.double(), 5, K=16)  # another dtype: tuned again
-    tuned[(2, 1)](x, 5, K=32)  # another constexpr in the key: tuned again
-    assert len(calls) == n + 4
+    tuned[(2, 1)](x, 5, K=32)  # another constexpr value: tuned again
+    tuned[(2, 1)](x, 5, K=16, SEG=True)  # another compiled variant (a flag) of the same shape: tuned again
+    assert len(calls) == n + 6
 
 
 def test_tuned_reraises_real_errors(monkeypatch):
@@ -73,7 +74,7 @@ def test_tuned_reraises_real_errors(monkeypatch):
     mod.do_bench = lambda fn: fn()
     monkeypatch.setitem(sys.modules, "triton.testing", mod)
     with pytest.raises(TypeError, match="bad argument"):
-        Tuned(Broken(), [(4, 1)], ["K"])[(1,)](K=16)
+        Tuned(Broken(), [(4, 1)])[(1,)](K=16)
 
 
 def test_tuned_says_when_nothing_fits(monkeypatch):
@@ -87,4 +88,4 @@ def test_tuned_says_when_nothing_fits(monkeypatch):
     mod.do_bench = lambda fn: fn()
     monkeypatch.setitem(sys.modules, "triton.testing", mod)
     with pytest.raises(RuntimeError, match="no launch configuration"):
-        Tuned(TooBig(), [(4, 1), (8, 1)], ["K"])[(1,)](K=16)
+        Tuned(TooBig(), [(4, 1), (8, 1)])[(1,)](K=16)
