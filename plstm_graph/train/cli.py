@@ -130,6 +130,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--layer-scale", type=_nonneg_float, default=_DEFAULTS.layer_scale,
                    help="pLSTM only: initial value of the learned per-channel scale on every pLSTM layer's output "
                         f"(LayerScale; 0 = no scale; default {_DEFAULTS.layer_scale})")
+    g.add_argument("--plstm-lr-scale", type=_positive_float, default=_DEFAULTS.plstm_lr_scale,
+                   help="pLSTM only: the pLSTM layers and their LayerScale train with learning rate --lr times this "
+                        f"(1 = one learning rate for everything; default {_DEFAULTS.plstm_lr_scale})")
     g.add_argument("--patience", type=_nonneg_int, default=15, help="early-stopping patience in epochs (default 15)")
     g.add_argument("--warmup-epochs", type=_nonneg_int, default=_DEFAULTS.warmup_epochs,
                    help=f"linear learning-rate warm-up before the cosine decay (default {_DEFAULTS.warmup_epochs})")
@@ -161,7 +164,8 @@ def _config(args, model: str, seed: int, out: str):
         target_columns=list(args.target_column), task=args.task, model=model, split=args.split, folds=args.folds,
         fold=args.fold, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        dropout=args.dropout, local_mix=args.local_mix, layer_scale=args.layer_scale, patience=args.patience,
+        dropout=args.dropout, local_mix=args.local_mix, layer_scale=args.layer_scale,
+        plstm_lr_scale=args.plstm_lr_scale, patience=args.patience,
         warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay, grad_clip=args.grad_clip, select=args.select,
         devices=args.devices, accelerator=args.accelerator, precision=args.precision, num_workers=args.num_workers,
         out=out, cache_dir=args.cache_dir,

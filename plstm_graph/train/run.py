@@ -59,6 +59,7 @@ class TrainConfig:
     readout: str = "mean+sum"
     local_mix: bool = True
     layer_scale: float = 0.01
+    plstm_lr_scale: float = 0.3
     patience: int = 15
     warmup_epochs: int = 5
     ema_decay: float = 0.98
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not (self.layer_scale >= 0 and np.isfinite(self.layer_scale)):
             raise ValueError(f"--layer-scale must be a non-negative number, got {self.layer_scale}")
+        if not (self.plstm_lr_scale > 0 and np.isfinite(self.plstm_lr_scale)):
+            raise ValueError(f"--plstm-lr-scale must be a positive number, got {self.plstm_lr_scale}")
         if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
             raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
         if self.select not in ("best", "last"):
@@ -236,7 +239,8 @@ def train_run(cfg: TrainConfig) -> Dict:
     model_kwargs = _model_kwargs(cfg, num_tasks=len(table.target_names))
     module = MoleculeLitModule(model_kwargs, table.task, mean, std, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                               ema_decay=cfg.ema_decay)
+                               ema_decay=cfg.ema_decay,
+                               plstm_lr_scale=cfg.plstm_lr_scale if cfg.model == "plstm" else 1.0)
     data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
                               num_workers=cfg.num_workers, seed=cfg.seed)
     name, mode = primary_metric(table.task)

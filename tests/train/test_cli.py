@@ -114,7 +114,7 @@ def _err(capsys, argv):
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty_csv", "header_only", "unknown_model",
                                   "bad_epochs", "zero_epochs", "bad_lr", "bad_dropout", "no_smiles_column",
                                   "missing_model_dir", "predict_missing_column", "both_inputs", "non_numeric",
-                                  "bad_local_mix", "bad_layer_scale"])
+                                  "bad_local_mix", "bad_layer_scale", "bad_plstm_lr_scale"])
 def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
     data = _dataset(tmp_path)
     empty = tmp_path / "empty.csv"
@@ -141,6 +141,7 @@ def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
         "non_numeric": ["train", "--csv", str(nonnum), *base[1:]],
         "bad_local_mix": ["train", "--csv", data, *base[1:], "--local-mix", "maybe"],
         "bad_layer_scale": ["train", "--csv", data, *base[1:], "--layer-scale", "-0.1"],
+        "bad_plstm_lr_scale": ["train", "--csv", data, *base[1:], "--plstm-lr-scale", "0"],
     }[case]
     rc, err = _err(capsys, argv)
     assert rc != 0, case

@@ -151,3 +151,60 @@ def test_local_mix_changes_the_prediction_and_old_checkpoints_still_load(tmp_pat
     old.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(batch), old(batch))
+
+
+def test_plstm_lr_scale_is_the_default_a_cli_flag_and_a_second_parameter_group():
+    from plstm_graph.cli import build_parser
+    from plstm_graph.train.cli import _config
+    from plstm_graph.train.lightning import plstm_branch_parameters
+
+    assert TrainConfig().plstm_lr_scale == 0.3
+    assert _config(build_parser().parse_args(["train"]), "plstm", 0, "out").plstm_lr_scale == 0.3
+    args = build_parser().parse_args(["compare", "--plstm-lr-scale", "1"])
+    assert _config(args, "plstm", 0, "o").plstm_lr_scale == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="plstm-lr-scale"):
+            dataclasses.replace(TrainConfig(), plstm_lr_scale=bad).validate()
+    with pytest.raises(ValueError, match="plstm_lr_scale"):
+        MoleculeLitModule(KW, "regression", [0.0], [1.0], plstm_lr_scale=0.0)
+
+    lit = MoleculeLitModule(KW, "regression", [0.0], [1.0], lr=1e-2, warmup_epochs=0, plstm_lr_scale=0.3)
+    rest, branch = lit.configure_optimizers()["optimizer"].param_groups
+    assert branch["lr"] == pytest.approx(3e-3) and rest["lr"] == pytest.approx(1e-2)
+    expected = {id(p) for b in lit.model.backbone.blocks for p in [*b.layer.parameters(), b.layer_scale]}
+    assert {id(p) for p in branch["params"]} == expected == {id(p) for p in plstm_branch_parameters(lit.model)}
+    assert len(rest["params"]) + len(branch["params"]) == len(list(lit.model.parameters()))
+    assert {id(p) for p in rest["params"]} | expected == {id(p) for p in lit.model.parameters()}
+    # one group: scale 1, a message-passing model (no pLSTM branch), a checkpoint saved before the option existed
+    assert len(MoleculeLitModule(KW, "regression", [0.0], [1.0]).configure_optimizers()["optimizer"].param_groups) == 1
+    gin = MoleculeLitModule({**KW, "model": "gin"}, "regression", [0.0], [1.0], plstm_lr_scale=0.3)
+    assert plstm_branch_parameters(gin.model) == []
+    assert len(gin.configure_optimizers()["optimizer"].param_groups) == 1
+    del lit.hparams["plstm_lr_scale"]
+    assert len(lit.configure_optimizers()["optimizer"].param_groups) == 1
+
+
+def test_plstm_lr_scale_scales_the_branch_update_only_and_changes_the_model():
+    from plstm_graph.train.lightning import masked_loss, plstm_branch_parameters
+
+    batch = next(iter(DataLoader([smiles_to_dag(s) for s in ("CC(C)CO", "c1ccccc1O", "CC(=O)N")], batch_size=3)))
+    steps = {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        lit = MoleculeLitModule(KW, "regression", [0.0], [1.0], lr=1e-2, weight_decay=0.01, warmup_epochs=0,
+                                plstm_lr_scale=scale)
+        before = [p.detach().clone() for p in lit.model.parameters()]
+        opt = lit.configure_optimizers()["optimizer"]
+        out = lit.model(batch)
+        assert out.shape == (3, 1)
+        masked_loss("regression", out, torch.tensor([[1.0], [-2.0], [0.5]])).backward()
+        branch = {id(p) for p in plstm_branch_parameters(lit.model)}
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lit.model.parameters() if id(p) in branch)
+        opt.step()
+        steps[scale] = ([p.detach() - b for p, b in zip(lit.model.parameters(), before)],
+                        [id(p) in branch for p in lit.model.parameters()], lit.model.eval()(batch).detach())
+    (full, is_branch, y_full), (scaled, _, y_scaled) = steps[1.0], steps[0.25]
+    assert any(is_branch) and not all(is_branch)
+    for d1, d2, in_branch in zip(full, scaled, is_branch):  # AdamW's first step is linear in the learning rate
+        torch.testing.assert_close(d2, 0.25 * d1 if in_branch else d1, rtol=1e-4, atol=2e-6)  # |step| ~ lr >= 2.5e-3
+    assert not torch.allclose(y_full, y_scaled)

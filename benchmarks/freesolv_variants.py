@@ -1,0 +1,130 @@
+"""Screen variants of the default molecule pLSTM on FreeSolv that have no CLI flag (README, Results, issue #4).
+
+Each variant patches :class:`~plstm_graph.models.MoleculeModel`, :class:`~plstm_graph.nn.PLSTMGraphBlock` or the
+optimiser for this process only, then runs :func:`~plstm_graph.train.compare.compare_models` with the CLI's
+defaults at the time of the screen (FreeSolv, scaffold split, 40 epochs, lr 3e-3, seeds 0-4, one learning rate:
+``plstm_lr_scale=1``): ``base`` reproduces ``plstm-graph compare --dataset freesolv --models plstm --seeds 5
+--epochs 40 --lr 3e-3 --plstm-lr-scale 1`` to the last digit, and ``plr0.3`` the current defaults.
+Prints one JSON line: mean and std (over seeds) of validation and test RMSE, and the per-seed values.
+
+    OMP_NUM_THREADS=1 python benchmarks/freesolv_variants.py VARIANT --out runs/fs5-VARIANT
+
+Variants (the pLSTM molecule model's defaults otherwise: local bond term, LayerScale 0.01, spread gate init):
+
+* ``base``: the defaults.
+* ``bidir``: every block runs half its heads on the block's DAG direction and half on the reversed DAG (each
+  half with ``plstm_molecule_init(H / 2)``), outputs summed; the same parameters and about the same work.
+* ``attn``: attention pooling (``readout="attention"``) instead of mean + sum.
+* ``pD`` / ``pP``: pattern D, D-reversed, D, D-reversed (or the same with P) instead of P, P-rev, D, D-rev.
+* ``pdropX``: dropout X on the pLSTM branch only (before its residual; the MLP and head keep ``--dropout``).
+* ``plrX``: the pLSTM layers' parameters and their LayerScale train with lr x X (a second AdamW group; the
+  same as ``--plstm-lr-scale X``, which came out of this screen).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from plstm_graph.models import molecule
+from plstm_graph.nn import PLSTMGraphLayer, PLSTMGraphStack
+from plstm_graph.nn.blocks import PLSTMGraphBlock
+from plstm_graph.nn.graph import resolve_schedule
+from plstm_graph.train.compare import compare_models
+from plstm_graph.train.lightning import MoleculeLitModule
+from plstm_graph.train.run import TrainConfig
+
+
+class BothDirections(nn.Module):
+    """Half the heads on the DAG, half on its reverse; ``[N, dim] -> [N, dim]`` (sum of the two outputs)."""
+
+    def __init__(self, dim: int, num_heads: int, mode: str, edge_dim: int):
+        super().__init__()
+        h = num_heads // 2
+        init = molecule.plstm_molecule_init(h)
+        kw = dict(mode=mode, edge_dim=edge_dim, head_dim=dim // num_heads, **init)
+        self.fwd = PLSTMGraphLayer(dim, h, reverse=False, **kw)
+        self.rev = PLSTMGraphLayer(dim, h, reverse=True, **kw)
+        self.mode, self.reverse = mode, False  # what the block's local term reads its edge order from
+
+    def forward(self, x, schedule, edge_attr=None):
+        return self.fwd(x, schedule, edge_attr) + self.rev(x, schedule, edge_attr)
+
+
+def patch(variant: str) -> None:
+    original_init = molecule.MoleculeModel.__init__
+
+    def init(self, *args, **kw):
+        if variant == "attn":
+            kw["readout"] = "attention"
+        original_init(self, *args, **kw)
+        if self.model_name != "plstm":
+            return
+        if variant == "bidir":
+            for block in self.backbone.blocks:
+                lay = block.layer
+                block.layer = BothDirections(lay.dim, lay.num_heads, lay.mode, lay.edge_dim)
+        elif variant in ("pD", "pP"):
+            dim, heads, m = kw.get("hidden", 128), kw.get("num_heads", 4), variant[1]
+            self.backbone = PLSTMGraphStack(dim, heads, pattern=[(m, False), (m, True)] * 2, edge_dim=dim,
+                                            dropout=kw.get("dropout", 0.0), local_mix=True, layer_scale=0.01,
+                                            **molecule.plstm_molecule_init(heads))
+
+    molecule.MoleculeModel.__init__ = init
+
+    if variant.startswith("pdrop"):
+        rate = float(variant[len("pdrop"):])
+
+        def block_forward(self, x, schedule, edge_attr=None):  # PLSTMGraphBlock.forward, own dropout on y
+            y = self.layer(self.norm1(x), schedule, edge_attr)
+            if self.layer_scale is not None:
+                y = y * self.layer_scale
+            x = x + nn.functional.dropout(y, rate, self.training)
+            h = self.norm2(x)
+            if self.local is not None:
+                sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
+                ea = edge_attr
+                if ea is not None and sched.input_edge_ids is not None:
+                    ea = ea[sched.input_edge_ids]
+                h = h + self.local(h, sched.edge_index, ea)
+            return x + self.drop(self.mlp(h))
+
+        PLSTMGraphBlock.forward = block_forward
+
+    if variant.startswith("plr"):
+        mult = float(variant[len("plr"):])
+        original_opt = MoleculeLitModule.configure_optimizers
+
+        def configure_optimizers(self):
+            base = original_opt(self)
+            slow = {id(p) for b in self.model.backbone.blocks for p in [*b.layer.parameters(), b.layer_scale]}
+            groups = [{"params": [p for p in self.model.parameters() if id(p) not in slow]},
+                      {"params": [p for p in self.model.parameters() if id(p) in slow], "lr": self.hparams.lr * mult}]
+            opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, base["lr_scheduler"]["scheduler"].lr_lambdas[0])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+        MoleculeLitModule.configure_optimizers = configure_optimizers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variant")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=5)
+    args = p.parse_args()
+    patch(args.variant)
+    res = compare_models(TrainConfig(dataset="freesolv", epochs=40, lr=3e-3, plstm_lr_scale=1.0,
+                                     progress=False), ["plstm"],
+                         list(range(args.seeds)), args.out)
+    runs = sorted(res["runs"], key=lambda r: r["seed"])
+    val, test = [r["val"]["rmse"] for r in runs], [r["test"]["rmse"] for r in runs]
+    print(json.dumps({"variant": args.variant, "val": [np.mean(val), np.std(val)],
+                      "test": [np.mean(test), np.std(test)], "val_seeds": val, "test_seeds": test}))
+
+
+if __name__ == "__main__":
+    main()
