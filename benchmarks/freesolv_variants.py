@@ -17,8 +17,8 @@ Variants (the pLSTM molecule model's defaults otherwise: local bond term, LayerS
 * ``attn``: attention pooling (``readout="attention"``) instead of mean + sum.
 * ``pD`` / ``pP``: pattern D, D-reversed, D, D-reversed (or the same with P) instead of P, P-rev, D, D-rev.
 * ``pdropX``: dropout X on the pLSTM branch only (before its residual; the MLP and head keep ``--dropout``).
-* ``plrX``: the pLSTM layers' parameters and their LayerScale train with lr x X (a second AdamW group; the
-  same as ``--plstm-lr-scale X``, which came out of this screen).
+* ``plrX``: the pLSTM layers' parameters and their LayerScale train with lr x X (a second AdamW group): run
+  here as ``TrainConfig(plstm_lr_scale=X)``, i.e. ``--plstm-lr-scale X``, which came out of this screen.
 """
 from __future__ import annotations
 
@@ -32,9 +32,7 @@ from torch import nn
 from plstm_graph.models import molecule
 from plstm_graph.nn import PLSTMGraphLayer, PLSTMGraphStack
 from plstm_graph.nn.blocks import PLSTMGraphBlock
-from plstm_graph.nn.graph import resolve_schedule
 from plstm_graph.train.compare import compare_models
-from plstm_graph.train.lightning import MoleculeLitModule
 from plstm_graph.train.run import TrainConfig
 
 
@@ -83,31 +81,9 @@ def patch(variant: str) -> None:
             if self.layer_scale is not None:
                 y = y * self.layer_scale
             x = x + nn.functional.dropout(y, rate, self.training)
-            h = self.norm2(x)
-            if self.local is not None:
-                sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
-                ea = edge_attr
-                if ea is not None and sched.input_edge_ids is not None:
-                    ea = ea[sched.input_edge_ids]
-                h = h + self.local(h, sched.edge_index, ea)
-            return x + self.drop(self.mlp(h))
+            return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr)))
 
         PLSTMGraphBlock.forward = block_forward
-
-    if variant.startswith("plr"):
-        mult = float(variant[len("plr"):])
-        original_opt = MoleculeLitModule.configure_optimizers
-
-        def configure_optimizers(self):
-            base = original_opt(self)
-            slow = {id(p) for b in self.model.backbone.blocks for p in [*b.layer.parameters(), b.layer_scale]}
-            groups = [{"params": [p for p in self.model.parameters() if id(p) not in slow]},
-                      {"params": [p for p in self.model.parameters() if id(p) in slow], "lr": self.hparams.lr * mult}]
-            opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, base["lr_scheduler"]["scheduler"].lr_lambdas[0])
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-        MoleculeLitModule.configure_optimizers = configure_optimizers
 
 
 def main() -> None:
@@ -117,7 +93,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     args = p.parse_args()
     patch(args.variant)
-    res = compare_models(TrainConfig(dataset="freesolv", epochs=40, lr=3e-3, plstm_lr_scale=1.0,
+    # plrX: the pLSTM branch at lr x X, which is what --plstm-lr-scale X does (it came out of this screen)
+    lr_scale = float(args.variant[len("plr"):]) if args.variant.startswith("plr") else 1.0
+    res = compare_models(TrainConfig(dataset="freesolv", epochs=40, lr=3e-3, plstm_lr_scale=lr_scale,
                                      progress=False), ["plstm"],
                          list(range(args.seeds)), args.out)
     runs = sorted(res["runs"], key=lambda r: r["seed"])

@@ -123,6 +123,11 @@ class PLSTMGraphBlock(nn.Module):
         if self.layer_scale is not None:
             y = y * self.layer_scale
         x = x + self.drop(y)
+        return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr)))
+
+    def mlp_input(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the MLP reads: ``RMSNorm(x)``, plus :class:`LocalBondMix` of it over the layer's DAG edges with
+        ``local_mix`` (``[N, dim]``)."""
         h = self.norm2(x)
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
@@ -130,7 +135,7 @@ class PLSTMGraphBlock(nn.Module):
             if ea is not None and sched.input_edge_ids is not None:
                 ea = ea[sched.input_edge_ids]
             h = h + self.local(h, sched.edge_index, ea)
-        return x + self.drop(self.mlp(h))
+        return h
 
 
 Schedules = Union[DAGSchedule, Sequence[DAGSchedule], Dict[Tuple[str, bool], DAGSchedule], "Data"]
