@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.sequence import plstm_sequence, plstm_sequence_step, retention, retention_gammas
+from ..ops.sequence import _retention_gates, plstm_sequence, plstm_sequence_step, retention
 
 __all__ = ["MultiScaleRetention", "PLSTM1DLayer", "HeadRMSNorm", "rotary_angles", "apply_rotary"]
 
@@ -54,7 +54,10 @@ class MultiScaleRetention(nn.Module):
     ``MSR(X) = (swish(X W_G) * HeadRMSNorm(Retention(rot(X W_Q), rot(X W_K), X W_V))) W_O`` with a fixed
     per-head decay ``gamma_h = 1 - 2^(-5-h)``, scale ``K^-0.5`` and rotary position rotation. The retention
     score normalisations of the paper are per-row scalings that the per-head RMSNorm removes, so they are
-    left out (up to the norm's epsilon).
+    left out (up to the norm's epsilon). The decays are :func:`~plstm_graph.ops.sequence.retention`'s defaults,
+    built in the computation dtype (not a module buffer: casting the module to bf16 would round the slowest
+    decays to 1) and known positive on the host, so the Triton path never synchronises to check them; the
+    forward and :meth:`step` read the same cached gates.
 
     Shapes:
         x: ``[B, T, dim]`` -> ``[B, T, dim]``; state: ``[B, H, K, V]`` (float32), K = dim / heads,
@@ -94,7 +97,6 @@ class MultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(dim, value_dim, bias=False)
         self.out_proj = nn.Linear(value_dim, dim, bias=False)
         self.norm = HeadRMSNorm(norm_eps)
-        self.register_buffer("gamma", retention_gammas(num_heads), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -123,7 +125,7 @@ class MultiScaleRetention(nn.Module):
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         q, k, v = self._project(x, positions)
         o, final = retention(
-            q, k, v, gamma=self.gamma, initial_state=state, output_final_state=output_state, mode=self.mode,
+            q, k, v, initial_state=state, output_final_state=output_state, mode=self.mode,
             chunk_size=self.chunk_size, backend=self.backend,
         )
         y = self._finish(x, o)
@@ -133,11 +135,8 @@ class MultiScaleRetention(nn.Module):
         """One token: ``x [B, dim]`` at ``position`` -> ``(y [B, dim], state [B, H, K, V])``."""
         q, k, v = self._project(x[:, None], torch.tensor([position], device=x.device))
         B, H = x.shape[0], self.num_heads
-        gamma = self.gamma.to(torch.promote_types(x.dtype, torch.float32)).expand(B, H)
-        one = torch.ones_like(gamma)
-        o, state = plstm_sequence_step(
-            q[:, 0] * self.key_head_dim ** -0.5, k[:, 0], v[:, 0], one, gamma, gamma, one, state
-        )
+        gates, _ = _retention_gates(q, None, None)  # the forward's own per-head gates (scale folded in), cached
+        o, state = plstm_sequence_step(q[:, 0], k[:, 0], v[:, 0], *(g.expand(B, H) for g in gates), state)
         return self._finish(x[:, None], o[:, None])[:, 0], state
 
 
