@@ -55,6 +55,7 @@ if ARGS.device == "cpu":
 import torch  # noqa: E402
 
 from plstm_graph import compile_dag, plstm_dag  # noqa: E402
+from plstm_graph.bench.graphs import random_dag  # noqa: E402
 
 
 def molecule_edges(num_nodes: int, gen: torch.Generator):
@@ -79,19 +80,6 @@ def molecule_batch(num_graphs: int, lo: int, hi: int, seed: int = 0):
         rows += [(a + off, b + off) for a, b in molecule_edges(n, gen)]
         off += n
     return torch.tensor(rows, dtype=torch.long).t().reshape(2, -1), off
-
-
-def random_dag(num_edges: int, seed: int = 0, depth: int = 64):
-    """One large random DAG (one giant component): ``num_edges / 4`` nodes spread over ``depth`` layers,
-    every edge from a node to a random node 1-3 layers further (so skip edges cross levels)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = max(2 * depth, num_edges // 4)
-    layer = torch.arange(n) * depth // n  # sorted layers
-    start = torch.searchsorted(layer, torch.arange(depth + 1))
-    u = torch.randint(0, int(start[depth - 1]), (num_edges,), generator=gen)
-    lw = torch.clamp(layer[u] + torch.randint(1, 4, (num_edges,), generator=gen), max=depth - 1)
-    w = start[lw] + (torch.rand(num_edges, generator=gen) * (start[lw + 1] - start[lw])).long()
-    return torch.unique(torch.stack([u, w]), dim=1), n
 
 
 def sync(dev):

@@ -37,15 +37,19 @@ Memory (states are ``H*K*V*4`` bytes per edge; 16 KB for H=4, K=V=32, i.e. 16 GB
   are independent, so this is exact; the peak is ``2 * chunk_bytes`` (C and dC of one chunk) whatever the
   number of edges (1M molecule edges, H=4, K=V=32: ~6 GB with inputs and gradients).
 * ``recompute=True``, ``levels`` strategy (large connected DAGs): level *segments* with checkpoints. The
-  forward runs segment by segment and keeps only ``X_j``, the states that cross into segment ``j`` from
-  earlier levels (edges with ``level(tail) < c_j <= level(head)``; a state is last read at the level of its
-  head). The backward walks the segments from the last: it restores ``X_j``, recomputes the segment's
-  states, and runs the adjoint sweep, carrying ``D_j`` (adjoint states of later edges still needed by
-  earlier line edges) to the previous segment. A slot map ``slot_of[pos]`` tells the kernels which buffer
-  row holds each state. Peak states: ``sum_j |X_j| + max_j (2 S_j + |X_j| + |D_j|)`` (``S_j`` edges in
-  segment ``j``); the segment size is chosen to minimise it (see :func:`_segment_cap`). On layered random
-  DAGs of 1M edges (3.9 line edges per edge) this is 7.4 GB of states at 256 levels, 11.7 GB at 64 levels
-  (wide levels with many skip edges: the carries dominate).
+  forward runs segment by segment and keeps, per segment, one checkpoint *piece*: the states of its edges
+  still read after it (head level at or after the next boundary), each state stored once however many
+  boundaries it crosses. ``X_j``, the states that cross into segment ``j`` from earlier levels (edges with
+  ``level(tail) < c_j <= level(head)``; a state is last read at the level of its head), is gathered from
+  the pieces. The backward walks the segments from the last: it frees the pieces nothing reads any more,
+  restores ``X_j``, recomputes the segment's states, and runs the adjoint sweep, carrying ``D_j`` (adjoint
+  states of later edges still needed by earlier line edges) to the previous segment. A slot map
+  ``slot_of[pos]`` tells the kernels which buffer row holds each state. Peak states: the pieces of the
+  segments before ``j`` plus ``2 S_j + |X_j| + |D_{j+1}|`` (``S_j`` edges in segment ``j``), maximised over
+  ``j``; the segment size is chosen to minimise it (:func:`_peak_states`, :func:`_segment_cap`). On a
+  layered random DAG of 1M edges, 256 levels, 3.98 line edges per edge (``plstm_graph.bench.
+  graphs.random_dag``), H=4, K=V=32, that estimate is 5.0 GB of states (16.4 GB if every state were kept; the
+  previous scheme, one checkpoint per boundary, estimated 7.9 GB and measured 10.8 GB on an H200).
 """
 from __future__ import annotations
 
@@ -447,10 +451,37 @@ def _bounds(ptr, live_x, nl: int, cap: int):
     return bounds
 
 
+def _pieces_per_segment(live, bounds) -> torch.Tensor:
+    """Rows of each segment's checkpoint *piece*: its edges whose state is still read after the segment
+    (``level(head) >= c_{j+1}``); the last segment has none."""
+    lvl_t, lvl_h = live["lvl_t"], live["lvl_h"]
+    b = torch.tensor(bounds)
+    seg_of = torch.searchsorted(b, lvl_t, right=True) - 1
+    crosses = (lvl_h >= b[seg_of + 1]) & (seg_of + 2 < b.numel())
+    return torch.bincount(seg_of[crosses], minlength=b.numel() - 1)
+
+
+def _peak_states(ptr, live, bounds) -> int:
+    """Estimated peak number of live ``[H, K, V]`` states of the levels strategy with recomputation for these
+    segment bounds (see :class:`_PLSTMDagTriton`): in the backward of segment ``j`` the pieces of segments
+    ``< j``, its state buffer ``S_j + |X_j|``, its adjoint buffer ``S_j + |D_{j+1}|``; then, with the state
+    buffer freed, the adjoint buffer and the carry ``D_j`` gathered from it."""
+    piece = _pieces_per_segment(live, bounds).tolist()
+    x, d = live["x"], live["d"]
+    n_seg, kept, peak = len(bounds) - 1, 0, 0
+    for j in range(n_seg):
+        c0, c1 = bounds[j], bounds[j + 1]
+        S = ptr[c1] - ptr[c0]
+        d_next = d[c1] if j + 1 < n_seg else 0
+        d_here = d[c0] if j else 0
+        peak = max(peak, kept + 2 * S + (x[c0] if j else 0) + d_next, kept + S + d_next + d_here)
+        kept += piece[j]
+    return peak
+
+
 def _segment_cap(schedule, plan, per_edge: int, chunk_bytes) -> int:
     """Segment size (in states) for the levels strategy with recomputation. Given ``chunk_bytes``: that
-    budget. Otherwise the candidate (E/256 .. E) minimising the estimated peak number of live states:
-    all checkpoints ``sum_j |X_j|`` plus the largest segment's ``(S_j + |X_j|) + (S_j + |D_j|)``."""
+    budget. Otherwise the candidate (E/256 .. E, steps of sqrt 2) minimising :func:`_peak_states`."""
     if chunk_bytes:
         return max(1, int(chunk_bytes) // per_edge)
     key = "auto_cap"
@@ -459,16 +490,15 @@ def _segment_cap(schedule, plan, per_edge: int, chunk_bytes) -> int:
     live = _liveness(schedule, plan)
     ptr, nl, E = schedule.edge_ptr, schedule.num_levels, schedule.num_edges
     best = None
-    cap = max(1, E // 256)
+    cap = max(1.0, E / 256)
     while True:
-        b = _bounds(ptr, live["x"], nl, cap)
-        ck = sum(live["x"][c] for c in b[1:-1])
-        seg = max(2 * (ptr[c1] - ptr[c0]) + live["x"][c0] + live["d"][c1] for c0, c1 in zip(b[:-1], b[1:]))
-        if best is None or ck + seg < best[0]:
-            best = (ck + seg, cap)
-        if cap >= E:
+        c = min(E, int(cap))
+        peak = _peak_states(ptr, live, _bounds(ptr, live["x"], nl, c))
+        if best is None or peak < best[0]:
+            best = (peak, c)
+        if c >= E:
             break
-        cap = min(E, cap * 2)
+        cap *= 2 ** 0.5
     plan[key] = best[1]
     return best[1]
 
@@ -479,15 +509,18 @@ def _segments(schedule, plan, cap: int):
     Positions are the level order of edges, so segment ``j`` (levels ``c_j .. c_{j+1}-1``) owns the
     contiguous positions ``P_j .. P_{j+1}-1``. Besides its own states it needs
 
-    * ``X_j`` (forward carry, a checkpoint): the states of earlier edges still read in the segment, i.e.
+    * ``X_j`` (forward carry): the states of earlier edges still read in the segment, i.e.
       ``level(tail a) < c_j <= level(head a)`` (a state is last read at the level of its head node, by its
-      readout and by every line edge leaving it);
+      readout and by every line edge leaving it). Each such state is checkpointed ONCE, in the *piece* of
+      the segment that computed it (its edges read after the segment); ``X_j`` is gathered from the pieces
+      of the segments before ``j``, in position order;
     * ``D_j`` (backward carry): adjoint states of later edges ``b`` still read by an edge ``a`` of this
       segment or before, i.e. ``level(b) >= c_{j+1} > min over line edges (a, b) of level(a)``.
 
     Rows: segment edges ``0 .. S-1``, carries after them. Returned per segment: level range, ``S``, the slot
-    update ``(idx, val)`` for ``slot_of``, and the gathers that build ``X_{j+1}`` from this segment's state
-    buffer and ``D_{j-1}`` from its adjoint buffer.
+    update ``(idx, val)`` for ``slot_of``, ``piece_src`` (its rows that form its piece), ``x_from`` (pairs
+    ``(i, rows of piece i)`` that build ``X_j``) and ``bwd_gather`` (rows of its adjoint buffer that form
+    ``D_{j-1}``).
     """
     key = ("segments", cap)
     if key in plan:
@@ -507,22 +540,45 @@ def _segments(schedule, plan, cap: int):
         S = p1 - p0
         idx = torch.cat([torch.arange(p0, p1), x_pos, d_pos])
         val = torch.cat([torch.arange(S), S + torch.arange(x_pos.numel()), S + torch.arange(d_pos.numel())])
-        segs.append(dict(levels=(c0, c1), S=S, x_pos=x_pos, d_pos=d_pos, idx=idx, val=val))
-    # slot of each position under segment j's map, to chain the carries
+        sg = dict(levels=(c0, c1), S=S, x_pos=x_pos, d_pos=d_pos, idx=idx, val=val)
+        if j + 2 < len(bounds):
+            sg["piece_pos"] = p0 + torch.nonzero(lvl_h[p0:p1] >= c1).flatten()  # positions, ascending
+            sg["piece_src"] = sg["piece_pos"] - p0  # their rows in this segment's buffer
+            sg["piece_last"] = int(lvl_h[sg["piece_pos"]].max()) if sg["piece_pos"].numel() else -1
+        x_from, got = [], []
+        for i, earlier in enumerate(segs):
+            if earlier.get("piece_last", -1) < c0:  # every state of that piece was last read before c0
+                continue
+            rows = torch.nonzero(lvl_h[earlier["piece_pos"]] >= c0).flatten()
+            if rows.numel():
+                x_from.append((i, rows))
+                got.append(earlier["piece_pos"][rows])
+        assert torch.equal(torch.cat(got) if got else x_pos, x_pos), "checkpoint pieces do not cover X_j"
+        sg["x_from"] = x_from
+        segs.append(sg)
+    # rows of segment j's adjoint buffer that hold D_{j-1} (segment j's map), to chain the backward carries
     for j, sg in enumerate(segs):
-        smap = torch.full((E,), -1, dtype=torch.long)
-        smap[sg["idx"]] = sg["val"]
-        if j + 1 < len(segs):
-            sg["fwd_gather"] = smap[segs[j + 1]["x_pos"]]
         if j > 0:
+            smap = torch.full((E,), -1, dtype=torch.long)
+            smap[sg["idx"]] = sg["val"]
             sg["bwd_gather"] = smap[segs[j - 1]["d_pos"]]
+            assert (sg["bwd_gather"] >= 0).all(), "segment carry chain broken"
     for sg in segs:
-        for name in ("idx", "val", "fwd_gather", "bwd_gather"):
+        sg["val"] = sg["val"].to(torch.int32).to(dev)
+        for name in ("idx", "piece_src", "bwd_gather"):
             if name in sg:
-                assert name == "val" or (sg[name] >= 0).all(), "segment carry chain broken"
-                sg[name] = sg[name].to(torch.int32 if name == "val" else torch.long).to(dev)
+                sg[name] = sg[name].to(dev)
+        sg["x_from"] = [(i, rows.to(dev)) for i, rows in sg["x_from"]]
     plan[key] = segs
     return segs
+
+
+def _restore_carry(buf, S: int, sg, pieces) -> None:
+    """Write ``X_j`` (rows ``S ..`` of ``buf``) from the checkpoint pieces of the earlier segments."""
+    o = S
+    for i, rows in sg["x_from"]:
+        torch.index_select(pieces[i], 0, rows, out=buf[o: o + rows.numel()])
+        o += rows.numel()
 
 
 class _PLSTMDagTriton(torch.autograd.Function):
@@ -546,22 +602,20 @@ class _PLSTMDagTriton(torch.autograd.Function):
                 _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
                          nodes=True, g_range=(g0, g1))
             del buf
-        elif recompute and E:  # levels strategy: segments, keep only the carried states (checkpoints)
+        elif recompute and E:  # levels strategy: segments; keep only each segment's checkpoint piece
             segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, chunk_bytes))
             slot_of = plan["slot_of"]
-            carry = torch.empty(0, H, K, V, dtype=torch.float32, device=q.device)
-            ckpts = []
-            for j, sg in enumerate(segs):
-                ckpts.append(carry)
+            pieces = []
+            for sg in segs:
+                S = sg["S"]
                 slot_of[sg["idx"]] = sg["val"]
-                buf = torch.empty(max(sg["S"] + carry.shape[0], 1), H, K, V, dtype=torch.float32, device=q.device)
-                buf[sg["S"]: sg["S"] + carry.shape[0]] = carry
+                buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, dtype=torch.float32, device=q.device)
+                _restore_carry(buf, S, sg, pieces)
                 _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
                          nodes=True, lvl_range=sg["levels"], slot_of=slot_of)
-                if j + 1 < len(segs):
-                    carry = buf[sg["fwd_gather"]]
+                pieces.append(buf[sg["piece_src"]] if "piece_src" in sg else None)
                 del buf
-            ctx.ckpts = ckpts
+            ctx.pieces = pieces
         else:
             state = torch.empty(max(E, 1), H, K, V, dtype=torch.float32, device=q.device)
             g_range = (0, plan["num_progs"]) if strategy == "graph" else None
@@ -614,21 +668,33 @@ class _PLSTMDagTriton(torch.autograd.Function):
             elif ctx.recompute:  # levels strategy, segment by segment from the last one
                 segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, ctx.chunk_bytes))
                 slot_of = plan["slot_of"]
-                dcarry = torch.empty(0, H, K, V, **f32)
+                pieces = ctx.pieces
+                if pieces is None:
+                    raise RuntimeError(
+                        "plstm_dag(recompute=True) with the levels strategy frees its checkpoints in the "
+                        "backward: run the forward again for a second backward"
+                    )
+                ctx.pieces = None
+                dcarry = None
                 for j in range(len(segs) - 1, -1, -1):
-                    sg, ck, S = segs[j], ctx.ckpts[j], segs[j]["S"]
+                    sg, S = segs[j], segs[j]["S"]
+                    pieces[j] = None  # read only by later segments, all done
                     slot_of[sg["idx"]] = sg["val"]
-                    buf = torch.empty(max(S + ck.shape[0], 1), H, K, V, **f32)
-                    buf[S: S + ck.shape[0]] = ck
+                    buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, **f32)
+                    _restore_carry(buf, S, sg, pieces)
                     _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
                              nodes=False, lvl_range=sg["levels"], slot_of=slot_of)
-                    dbuf = torch.empty(max(S + dcarry.shape[0], 1), H, K, V, **f32)
-                    dbuf[S: S + dcarry.shape[0]] = dcarry
+                    nd = 0 if dcarry is None else dcarry.shape[0]
+                    dbuf = torch.empty(max(S + nd, 1), H, K, V, **f32)
+                    if nd:
+                        dbuf[S: S + nd] = dcarry
+                    dcarry = None
                     _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
                              lvl_range=sg["levels"], slot_of=slot_of)
+                    del buf
                     if j > 0:
                         dcarry = dbuf[sg["bwd_gather"]]
-                    del buf, dbuf
+                    del dbuf
             else:
                 g_range = (0, plan["num_progs"]) if strategy == "graph" else None
                 if state is None:

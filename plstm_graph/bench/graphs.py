@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["molecule_like_dag", "molecule_like_batch", "layered_dag"]
+__all__ = ["molecule_like_dag", "molecule_like_batch", "layered_dag", "random_dag"]
 
 
 def molecule_like_dag(num_nodes: int, rng: np.random.Generator, ring_closures: int = 2) -> np.ndarray:
@@ -51,3 +51,17 @@ def layered_dag(num_edges: int, num_layers: int = 100, avg_degree: float = 2.5, 
     tails, heads = tails[ok], heads[ok]
     perm = rng.permutation(n)
     return torch.from_numpy(np.stack([perm[tails], perm[heads]])), n
+
+
+def random_dag(num_edges: int, seed: int = 0, depth: int = 64):
+    """One large random DAG (one giant component): ``num_edges / 4`` nodes spread over ``depth`` layers,
+    every edge from a node to a random node 1-3 layers further (so skip edges cross levels); duplicate
+    edges are merged. Returns ``(edge_index [2, E], num_nodes)``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(2 * depth, num_edges // 4)
+    layer = torch.arange(n) * depth // n  # sorted layers
+    start = torch.searchsorted(layer, torch.arange(depth + 1))
+    u = torch.randint(0, int(start[depth - 1]), (num_edges,), generator=gen)
+    lw = torch.clamp(layer[u] + torch.randint(1, 4, (num_edges,), generator=gen), max=depth - 1)
+    w = start[lw] + (torch.rand(num_edges, generator=gen) * (start[lw + 1] - start[lw])).long()
+    return torch.unique(torch.stack([u, w]), dim=1), n

@@ -104,6 +104,21 @@ def test_levels_recompute_segments(cap_edges):
     assert len(segs) == s.num_levels if cap_edges == 1 else 1 < len(segs) < s.num_levels
     if cap_edges == 12:
         assert any(sg["x_pos"].numel() for sg in segs) and any(sg["d_pos"].numel() for sg in segs)
+    else:  # a skip edge's state crosses several boundaries: checkpointed once, read from an older piece
+        assert any(i < j - 1 for j, sg in enumerate(segs) for i, _ in sg["x_from"])
+    # every carried state is stored once: the pieces hold exactly the edges that cross some boundary
+    stored = torch.cat([sg["piece_pos"] for sg in segs if "piece_pos" in sg]).cpu()
+    crossing = torch.cat([sg["x_pos"] for sg in segs]).unique()
+    assert stored.numel() == stored.unique().numel() and torch.equal(stored.sort().values, crossing)
+
+
+def test_levels_recompute_second_backward_is_a_clear_error():
+    s = _union(_hostile_parts()[5:6]).to(DEVICE)
+    xs = _inputs(s, H=1, K=4, V=4, seed=3)
+    y = kdag.plstm_dag_triton(*xs, s, strategy="levels", recompute=True, chunk_bytes=4 * 4 * 4)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="frees its checkpoints"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
