@@ -48,8 +48,8 @@ Memory (states are ``H*K*V*4`` bytes per edge; 16 KB for H=4, K=V=32, i.e. 16 GB
   segments before ``j`` plus ``2 S_j + |X_j| + |D_{j+1}|`` (``S_j`` edges in segment ``j``), maximised over
   ``j``; the segment size is chosen to minimise it (:func:`_peak_states`, :func:`_segment_cap`). On a
   layered random DAG of 1M edges, 256 levels, 3.98 line edges per edge (``plstm_graph.bench.
-  graphs.random_dag``), H=4, K=V=32, that estimate is 5.0 GB of states (16.4 GB if every state were kept; the
-  previous scheme, one checkpoint per boundary, estimated 7.9 GB and measured 10.8 GB on an H200).
+  graphs.random_dag``), H=4, K=V=32, that estimate is 5.0 GB of states (16.4 GB if every state were kept);
+  measured on an H200 with inputs and gradients: 6.6-7.0 GiB (one checkpoint per boundary: 10.5 GiB).
 """
 from __future__ import annotations
 
