@@ -153,18 +153,17 @@ def _read_kernel(m, x, c, out, u, g, N, A, m_sw, m_sn, m_sa, x_sw, x_sn, c_sw, c
                  mask=mn[:, None] & (offa < A)[None, :])
 
 
-def _wave_layout_py(A, Py, KV, BA: tl.constexpr, BKV: tl.constexpr):
+def _wave_layout_py(A, KV, BA: tl.constexpr, BKV: tl.constexpr):
     """The wavefront kernels' block of one program ``(bh, kv-block)``: ``bh``, offsets ``blk [BA, BKV]`` into
-    one tile's ``[A, KV]`` states, their mask, the right-edge rows (``< Py``) and down-edge rows of that
-    mask, and the ``[BA, BA]`` mask of ``Tb``."""
+    one tile's ``[A, KV]`` states, their mask, and the ``[BA, BA]`` mask of ``Tb``. (The right-edge rows are
+    ``< Py``, the down-edge rows ``>= Py``; the kernels mask them with ``offa < where(has_right, Py, 0)``, a
+    row bound rather than ``& has_right``: triton 3.9's interpreter rejects a tensor mask and-ed with a scalar.)"""
     bh = tl.program_id(0).to(tl.int64)
     offk = tl.program_id(1) * BKV + tl.arange(0, BKV)
     offa = tl.arange(0, BA)
     ma = offa < A
     m2 = ma[:, None] & (offk < KV)[None, :]
-    rows_r = (offa < Py)[:, None] & m2
-    rows_d = (offa >= Py)[:, None] & m2
-    return bh, offa[:, None] * KV + offk[None, :], m2, rows_r, rows_d, ma[:, None] & ma[None, :]
+    return bh, offa[:, None] * KV + offk[None, :], m2, ma[:, None] & ma[None, :]
 
 
 def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
@@ -174,7 +173,7 @@ def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
     neighbour's. ``cin`` must be zero on entry (grid border). ``pos[ty * nxt + tx]`` = the tile's position in
     the (anti-diagonal) storage order. A CTA barrier after each tile makes its stores visible to the next
     tile's loads (the same program reads them)."""
-    bh, blk, m2, rows_r, rows_d, tmask = _wave_layout(A, Py, KV, BA, BKV)
+    bh, blk, m2, tmask = _wave_layout(A, KV, BA, BKV)
     offa = tl.arange(0, BA)
     tbo = offa[:, None] * A + offa[None, :]
     ty = 0
@@ -190,10 +189,11 @@ def _wave_fwd_kernel(tb, cloc, cin, pos, nyt, nxt, BH, A, Py, KV,
             out = _dot(t, c, out, PREC, UPCAST)
             has_r = tx + 1 < nxt
             has_d = ty + 1 < nyt
-            pr = tl.load(pos + r + 1, mask=has_r, other=0).to(tl.int64)
-            pd = tl.load(pos + r + nxt, mask=has_d, other=0).to(tl.int64)
-            tl.store(cin + (pr * BH + bh) * A * KV + blk, out, mask=rows_r & has_r)
-            tl.store(cin + (pd * BH + bh) * A * KV + blk, out, mask=rows_d & has_d)
+            # neighbours' positions; at the grid's edge any valid entry (its accesses are masked off below)
+            pr = tl.load(pos + tl.where(has_r, r + 1, r)).to(tl.int64)
+            pd = tl.load(pos + tl.where(has_d, r + nxt, r)).to(tl.int64)
+            tl.store(cin + (pr * BH + bh) * A * KV + blk, out, mask=(offa < tl.where(has_r, Py, 0))[:, None] & m2)
+            tl.store(cin + (pd * BH + bh) * A * KV + blk, out, mask=(offa >= tl.where(has_d, Py, A))[:, None] & m2)
             tl.debug_barrier()
             tx += 1
         ty += 1
@@ -205,7 +205,7 @@ def _wave_bwd_kernel(tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV,
     neighbour's total entering adjoint (rows ``< Py``) and the bottom neighbour's (rows ``>= Py``); then
     ``gin += Tb^T gout``. ``gin`` holds ``dCin`` on entry and the total adjoints of the entering states on
     exit; ``gout`` (= ``dCloc``) is written for every tile."""
-    bh, blk, m2, rows_r, rows_d, tmask = _wave_layout(A, Py, KV, BA, BKV)
+    bh, blk, m2, tmask = _wave_layout(A, KV, BA, BKV)
     offa = tl.arange(0, BA)
     tbt = offa[None, :] * A + offa[:, None]  # Tb transposed
     ty = nyt - 1
@@ -217,10 +217,11 @@ def _wave_bwd_kernel(tb, gin, gout, pos, nyt, nxt, BH, A, Py, KV,
             base = (p * BH + bh) * A
             has_r = tx + 1 < nxt
             has_d = ty + 1 < nyt
-            pr = tl.load(pos + r + 1, mask=has_r, other=0).to(tl.int64)
-            pd = tl.load(pos + r + nxt, mask=has_d, other=0).to(tl.int64)
-            go = tl.load(gin + (pr * BH + bh) * A * KV + blk, mask=rows_r & has_r, other=0.0)
-            go += tl.load(gin + (pd * BH + bh) * A * KV + blk, mask=rows_d & has_d, other=0.0)
+            # neighbours' positions; at the grid's edge any valid entry (its accesses are masked off below)
+            pr = tl.load(pos + tl.where(has_r, r + 1, r)).to(tl.int64)
+            pd = tl.load(pos + tl.where(has_d, r + nxt, r)).to(tl.int64)
+            go = tl.load(gin + (pr * BH + bh) * A * KV + blk, mask=(offa < tl.where(has_r, Py, 0))[:, None] & m2, other=0.0)
+            go += tl.load(gin + (pd * BH + bh) * A * KV + blk, mask=(offa >= tl.where(has_d, Py, A))[:, None] & m2, other=0.0)
             tl.store(gout + base * KV + blk, go, mask=m2)
             t = tl.load(tb + base * A + tbt, mask=tmask, other=0.0)
             g = tl.load(gin + base * KV + blk, mask=m2, other=0.0)

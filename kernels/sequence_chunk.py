@@ -37,7 +37,6 @@ arguments; only head dims, block sizes and dtype-derived flags are compile-time 
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Tuple
 
@@ -56,7 +55,7 @@ def _import_triton():
 
 
 _JITTED = {}
-_HELPERS = ("_gate_chunk", "_mask_matrix", "_dot")
+_HELPERS = ("_gate_chunk", "_mask_matrix", "_dot", "_tile")
 
 
 def _trips(n: int):
@@ -108,6 +107,17 @@ def _dot_py(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+def _tile_py(base, R, C, sr, sc, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Pointers and mask of the ``[BR, BC]`` tile at ``(r0, c0)`` of the ``R x C`` matrix at ``base`` with strides
+    ``(sr, sc)``: element ``(i, j)`` at ``base + (r0 + i) * sr + (c0 + j) * sc``, masked outside the matrix (loads
+    use ``other=0``). Plain pointer arithmetic, so the kernels run on every triton >= 3.0 (3.9 removed block
+    pointers); offsets in int64."""
+    ri = r0 + tl.arange(0, BR)
+    ci = c0 + tl.arange(0, BC)
+    ptrs = base + ri.to(tl.int64)[:, None] * sr + ci.to(tl.int64)[None, :] * sc
+    return ptrs, (ri[:, None] < R) & (ci[None, :] < C)
+
+
 def _gate_chunk_py(ptr, g0, t0, T, GST, BT: tl.constexpr, other):
     """Load one chunk of a gate as float32 [BT] (``g0 = b * GSB + h``, time stride ``GST``: ``T*H, H`` for
     [B, T, H] gates, ``0, 0`` for per-head [H] ones); padded tokens get ``other``."""
@@ -135,27 +145,27 @@ def _fwd_h(k, v, src, lg, h0, hs, hseg, T, H, GSB, GST, NT, L, TRIPS,
     c = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         if seg == 0:
-            p0 = tl.make_block_ptr(h0 + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-            c += tl.load(p0, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+            p0, p0_m = _tile(h0 + bh * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+            c += tl.load(p0, mask=p0_m, other=0.0).to(tl.float32)
     # a counted loop of L chunks (NT = S * L, the last segment padded with empty chunks past T that leave the
     # state unchanged): triton's pipeliner can prefetch the next chunk's k and v (num_stages)
     for i in range(0, TRIPS):
         ci = seg * L + i
         t0 = ci * BT
-        ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        tl.store(ph, c.to(hs.dtype.element_ty), boundary_check=(0, 1))
+        ph, ph_m = _tile(hs + ((b * NT + ci) * H + h) * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+        tl.store(ph, c.to(hs.dtype.element_ty), mask=ph_m)
         g = _gate_chunk(lg, grow, t0, T, GST, BT, 0.0)
         s = _gate_chunk(src, grow, t0, T, GST, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         blast = tl.sum(g, axis=0)
         w = s * tl.exp(blast - bc)
-        pk = tl.make_block_ptr(kbase, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
-        pv = tl.make_block_ptr(vbase, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        kt = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
-        vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
+        pk, pk_m = _tile(kbase, K, T, 1, H * K, kb * BK, t0, BK, BT)
+        pv, pv_m = _tile(vbase, T, V, H * V, 1, t0, vb * BV, BT, BV)
+        kt = tl.load(pk, mask=pk_m, other=0.0)
+        vv = tl.load(pv, mask=pv_m, other=0.0)
         c = c * tl.exp(blast) + _dot((kt * w[None, :]).to(vv.dtype), vv, PREC, UPCAST)
-    pT = tl.make_block_ptr(hseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-    tl.store(pT, c, boundary_check=(0, 1))
+    pT, pT_m = _tile(hseg + ((b * nseg + seg) * H + h) * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+    tl.store(pT, c, mask=pT_m)
 
 
 def _carry(xseg, seglg, carry, final, H, S, TRIPS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -172,13 +182,13 @@ def _carry(xseg, seglg, carry, final, H, S, TRIPS, K: tl.constexpr, V: tl.conste
     for i in range(0, TRIPS):  # TRIPS = S
         s = S - 1 - i if REVERSE else i
         off = ((b * S + s) * H + h) * K * V
-        pc = tl.make_block_ptr(carry + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        tl.store(pc, c, boundary_check=(0, 1))
-        px = tl.make_block_ptr(xseg + off, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
+        pc, pc_m = _tile(carry + off, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+        tl.store(pc, c, mask=pc_m)
+        px, px_m = _tile(xseg + off, K, V, V, 1, kb * BK, vb * BV, BK, BV)
         decay = tl.exp(tl.load(seglg + (b * S + s) * H + h))
-        c = c * decay + tl.load(px, boundary_check=(0, 1), padding_option="zero")
-    pf = tl.make_block_ptr(final + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-    tl.store(pf, c, boundary_check=(0, 1))
+        c = c * decay + tl.load(px, mask=px_m, other=0.0)
+    pf, pf_m = _tile(final + bh * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+    tl.store(pf, c, mask=pf_m)
 
 
 def _mask_matrix_py(lg, src, mrk, dirc, g0, t0, T, GST, BT: tl.constexpr):
@@ -210,25 +220,23 @@ def _fwd_o(q, k, v, src, lg, mrk, dirc, hs, carry, coff, y, T, H, GSB, GST, NT, 
     row0 = b * T * H + h
     t0 = ci * BT
     mm, a, _ = _mask_matrix(lg, src, mrk, dirc, b * GSB + h, t0, T, GST, BT)
-    pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-    ph = tl.make_block_ptr(hs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
-    qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
-    kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
-    vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
-    c = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
+    pq, pq_m = _tile(q + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    pk, pk_m = _tile(k + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    pv, pv_m = _tile(v + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+    ph, ph_m = _tile(hs + ((b * NT + ci) * H + h) * K * V, K, V, V, 1, 0, vb * BV, BK, BV)
+    qq = tl.load(pq, mask=pq_m, other=0.0)
+    kk = tl.load(pk, mask=pk_m, other=0.0)
+    vv = tl.load(pv, mask=pv_m, other=0.0)
+    c = tl.load(ph, mask=ph_m, other=0.0)
     if SEG:  # entering state = local state + what earlier segments pass in, decayed to this chunk
         seg = ci // L
-        pc = tl.make_block_ptr(carry + ((b * tl.cdiv(NT, L) + seg) * H + h) * K * V, (K, V), (V, 1), (0, vb * BV),
-                               (BK, BV), (1, 0))
-        c = c.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pc, boundary_check=(0, 1),
-                                                                                      padding_option="zero")
+        pc, pc_m = _tile(carry + ((b * tl.cdiv(NT, L) + seg) * H + h) * K * V, K, V, V, 1, 0, vb * BV, BK, BV)
+        c = c.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pc, mask=pc_m, other=0.0)
     sc = _dot(qq, tl.trans(kk), PREC, UPCAST) * mm
     out = _dot(sc.to(vv.dtype), vv, PREC, UPCAST)
     out += a[:, None] * _dot(qq, c.to(qq.dtype), PREC, UPCAST)
-    py = tl.make_block_ptr(y + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-    tl.store(py, out.to(y.dtype.element_ty), boundary_check=(0, 1))
+    py, py_m = _tile(y + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+    tl.store(py, out.to(y.dtype.element_ty), mask=py_m)
 
 
 def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, GSB, GST, NT, L, TRIPS,
@@ -247,25 +255,25 @@ def _bwd_dh(q, dy, lg, mrk, dhT, dhs, gseg, T, H, GSB, GST, NT, L, TRIPS,
     gs = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         if seg == nseg - 1:
-            pT = tl.make_block_ptr(dhT + bh * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-            gs += tl.load(pT, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+            pT, pT_m = _tile(dhT + bh * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+            gs += tl.load(pT, mask=pT_m, other=0.0).to(tl.float32)
     for i in range(0, TRIPS):  # chunks backwards, a counted loop over the padded segment (see _fwd_h)
         ci = seg * L + L - 1 - i
         t0 = ci * BT
-        ph = tl.make_block_ptr(dhs + ((b * NT + ci) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-        tl.store(ph, gs.to(dhs.dtype.element_ty), boundary_check=(0, 1))
+        ph, ph_m = _tile(dhs + ((b * NT + ci) * H + h) * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+        tl.store(ph, gs.to(dhs.dtype.element_ty), mask=ph_m)
         g = _gate_chunk(lg, b * GSB + h, t0, T, GST, BT, 0.0)
         m = _gate_chunk(mrk, b * GSB + h, t0, T, GST, BT, 0.0)
         bc = tl.cumsum(g, axis=0)
         a = m * tl.exp(bc - g)
         blast = tl.sum(g, axis=0)
-        pq = tl.make_block_ptr(q + row0 * K, (K, T), (1, H * K), (kb * BK, t0), (BK, BT), (0, 1))
-        pd = tl.make_block_ptr(dy + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        qt = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
-        dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
+        pq, pq_m = _tile(q + row0 * K, K, T, 1, H * K, kb * BK, t0, BK, BT)
+        pd, pd_m = _tile(dy + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+        qt = tl.load(pq, mask=pq_m, other=0.0)
+        dd = tl.load(pd, mask=pd_m, other=0.0)
         gs = gs * tl.exp(blast) + _dot((qt * a[None, :]).to(dd.dtype), dd, PREC, UPCAST)
-    p0 = tl.make_block_ptr(gseg + ((b * nseg + seg) * H + h) * K * V, (K, V), (V, 1), (kb * BK, vb * BV), (BK, BV), (1, 0))
-    tl.store(p0, gs, boundary_check=(0, 1))
+    p0, p0_m = _tile(gseg + ((b * nseg + seg) * H + h) * K * V, K, V, V, 1, kb * BK, vb * BV, BK, BV)
+    tl.store(p0, gs, mask=p0_m)
 
 
 def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, dy, dq, dk, dv, dsrc, dlg, dmrk,
@@ -279,10 +287,10 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
     row0 = b * T * H + h
     t0 = ci * BT
     mm, a, w = _mask_matrix(lg, src, mrk, dirc, b * GSB + h, t0, T, GST, BT)
-    pq = tl.make_block_ptr(q + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    pk = tl.make_block_ptr(k + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    qq = tl.load(pq, boundary_check=(0, 1), padding_option="zero")
-    kk = tl.load(pk, boundary_check=(0, 1), padding_option="zero")
+    pq, pq_m = _tile(q + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    pk, pk_m = _tile(k + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    qq = tl.load(pq, mask=pq_m, other=0.0)
+    kk = tl.load(pk, mask=pk_m, other=0.0)
     qk = _dot(qq, tl.trans(kk), PREC, UPCAST)
     st = tl.trans(qk * mm).to(qq.dtype)  # S^T
     gq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -294,27 +302,25 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
     cg = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     hoff = ((b * NT + ci) * H + h) * K * V
     for vb in range(0, tl.cdiv(V, BV)):
-        pv = tl.make_block_ptr(v + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        pd = tl.make_block_ptr(dy + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        ph = tl.make_block_ptr(hs + hoff, (V, K), (1, V), (vb * BV, 0), (BV, BK), (0, 1))   # C^-^T
-        pg = tl.make_block_ptr(dhs + hoff, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))  # G
-        vv = tl.load(pv, boundary_check=(0, 1), padding_option="zero")
-        dd = tl.load(pd, boundary_check=(0, 1), padding_option="zero")
-        ct = tl.load(ph, boundary_check=(0, 1), padding_option="zero")
-        gg = tl.load(pg, boundary_check=(0, 1), padding_option="zero")
+        pv, pv_m = _tile(v + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+        pd, pd_m = _tile(dy + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+        ph, ph_m = _tile(hs + hoff, V, K, 1, V, vb * BV, 0, BV, BK)   # C^-^T
+        pg, pg_m = _tile(dhs + hoff, K, V, V, 1, 0, vb * BV, BK, BV)  # G
+        vv = tl.load(pv, mask=pv_m, other=0.0)
+        dd = tl.load(pd, mask=pd_m, other=0.0)
+        ct = tl.load(ph, mask=ph_m, other=0.0)
+        gg = tl.load(pg, mask=pg_m, other=0.0)
         if SEG:  # local states + the segment carries, decayed to this chunk (see _fwd_o)
             soff = ((b * tl.cdiv(NT, L) + ci // L) * H + h) * K * V
-            pct = tl.make_block_ptr(carry + soff, (V, K), (1, V), (vb * BV, 0), (BV, BK), (0, 1))
-            pgc = tl.make_block_ptr(gcarry + soff, (K, V), (V, 1), (0, vb * BV), (BK, BV), (1, 0))
-            ct = ct.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pct, boundary_check=(0, 1),
-                                                                          padding_option="zero")
-            gg = gg.to(tl.float32) + tl.exp(tl.load(goff + (b * NT + ci) * H + h)) * tl.load(pgc, boundary_check=(0, 1),
-                                                                          padding_option="zero")
+            pct, pct_m = _tile(carry + soff, V, K, 1, V, vb * BV, 0, BV, BK)
+            pgc, pgc_m = _tile(gcarry + soff, K, V, V, 1, 0, vb * BV, BK, BV)
+            ct = ct.to(tl.float32) + tl.exp(tl.load(coff + (b * NT + ci) * H + h)) * tl.load(pct, mask=pct_m, other=0.0)
+            gg = gg.to(tl.float32) + tl.exp(tl.load(goff + (b * NT + ci) * H + h)) * tl.load(pgc, mask=pgc_m, other=0.0)
         gv = _dot(st, dd.to(qq.dtype), PREC, UPCAST)
         kgv = _dot(kk, gg.to(kk.dtype), PREC, UPCAST)
         gv += w[:, None] * kgv
-        pdv = tl.make_block_ptr(dv + row0 * V, (T, V), (H * V, 1), (t0, vb * BV), (BT, BV), (1, 0))
-        tl.store(pdv, gv.to(dv.dtype.element_ty), boundary_check=(0, 1))
+        pdv, pdv_m = _tile(dv + row0 * V, T, V, H * V, 1, t0, vb * BV, BT, BV)
+        tl.store(pdv, gv.to(dv.dtype.element_ty), mask=pdv_m)
         dvt = _dot(dd, tl.trans(vv), PREC, UPCAST)
         ds = dvt * mm
         if GATE_GRAD:
@@ -327,10 +333,10 @@ def _bwd_dqkv(q, k, v, src, lg, mrk, dirc, hs, dhs, carry, coff, gcarry, goff, d
         gq += a[:, None] * _dot(dd, ct.to(dd.dtype), PREC, UPCAST)
         gk += _dot(tl.trans(ds).to(qq.dtype), qq, PREC, UPCAST)
         gk += w[:, None] * _dot(vv, tl.trans(gg).to(vv.dtype), PREC, UPCAST)
-    pdq = tl.make_block_ptr(dq + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    pdk = tl.make_block_ptr(dk + row0 * K, (T, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    tl.store(pdq, gq.to(dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(pdk, gk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    pdq, pdq_m = _tile(dq + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    pdk, pdk_m = _tile(dk + row0 * K, T, K, H * K, 1, t0, 0, BT, BK)
+    tl.store(pdq, gq.to(dq.dtype.element_ty), mask=pdq_m)
+    tl.store(pdk, gk.to(dk.dtype.element_ty), mask=pdk_m)
     if GATE_GRAD:
         g = _gate_chunk(lg, b * GSB + h, t0, T, GST, BT, 0.0)
         sg = _gate_chunk(src, b * GSB + h, t0, T, GST, BT, 0.0)
@@ -519,29 +525,12 @@ class _SeqChunk(torch.autograd.Function):
         return dq, dk, dv, *gates, (dh0.to(h0_dtype) if has_h0 else None), None, None
 
 
-@functools.lru_cache(maxsize=None)
-def block_pointers_supported() -> bool:
-    """Whether the installed triton still has ``tl.make_block_ptr`` (removed in Triton 3.9 in favour of tensor
-    descriptors). These kernels use block pointers; with Triton >= 3.9 the dispatcher falls back to the
-    recurrent scan (correct, slower) and ``pyproject.toml`` pins ``triton < 3.9``. Read once per process (the
-    package metadata lookup costs about a millisecond, and the dispatcher asks on every call)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        major, minor = (int(x) for x in version("triton").split(".")[:2])
-    except (PackageNotFoundError, ValueError):
-        return False
-    return (major, minor) < (3, 9)
-
-
 def chunk_supported(q, k, v, source, transition, mark, direct, initial_state, cu_seqlens,
                     transitions_positive: bool = False) -> bool:
     """True when the chunkwise kernels apply: no packing, q/k/v of one float dtype, head dims <= 256,
     every transition > 0 (a device sync on the transition tensor, skipped when the caller passes
-    ``transitions_positive=True``) and a triton with block pointers."""
+    ``transitions_positive=True``)."""
     if cu_seqlens is not None or not (q.dtype == k.dtype == v.dtype):
-        return False
-    if not block_pointers_supported():
         return False
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False

@@ -17,9 +17,6 @@ from plstm_graph.kernels import sequence as kseq  # noqa: E402
 from plstm_graph.kernels import sequence_chunk as kchunk  # noqa: E402
 from plstm_graph.ops.sequence import plstm_sequence, retention  # noqa: E402
 
-if not kchunk.block_pointers_supported():  # pyproject pins triton < 3.9; a newer one gets the scan fallback
-    pytest.skip("the chunkwise kernels need tl.make_block_ptr (triton < 3.9)", allow_module_level=True)
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

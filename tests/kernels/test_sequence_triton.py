@@ -147,18 +147,3 @@ def test_plstm_sequence_step_backend_choice(monkeypatch):
     assert y.requires_grad and len(calls) == (1 if DEVICE == "cuda" else 0)
     with pytest.raises(ValueError, match="backend"):
         plstm_sequence_step(*dev, None, backend="fast")
-
-
-def test_chunk_kernels_fall_back_to_the_scan_without_block_pointers(monkeypatch):
-    # Triton >= 3.9 removed tl.make_block_ptr: positive transitions then take the scan, with the same results
-    from plstm_graph.kernels import sequence_chunk as kchunk
-    from plstm_graph.ops.sequence import plstm_sequence
-
-    monkeypatch.setattr(kchunk, "block_pointers_supported", lambda: False)
-    monkeypatch.setattr(kchunk, "plstm_sequence_chunk_triton", lambda *a, **kw: pytest.fail("chunk kernels ran"))
-    g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 9, 2, 8, generator=g).to(DEVICE) for _ in range(3))
-    gates = [(torch.rand(1, 9, 2, generator=g) + 0.1).to(DEVICE) for _ in range(4)]
-    y, _ = kseq.plstm_sequence_triton(q, k, v, *gates)
-    y_ref, _ = plstm_sequence(q, k, v, *gates, mode="recurrent")
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
