@@ -273,7 +273,8 @@ def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Opt
     needed, backends = schedule_requirements(keys, batch)
     scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
     for mode, rev in needed:
-        scheds[(mode, rev)] = batch.schedule(mode, rev)  # built on the CPU (and cached there)
+        scheds[(mode, rev)] = s = batch.schedule(mode, rev)  # built on the CPU (and cached there)
+        s.both_directions()  # the blocks' local bond term reads it: built here, moved with the rest
     if triton_plans is None:
         triton_plans = _wants_triton_plans(device, backends)
     if triton_plans and scheds:

@@ -219,6 +219,8 @@ class PrepareCollate:
         batch = self.collater(data_list)
         needed = self.needed if self.needed is not None else schedule_requirements(None, batch)[0]
         scheds = [batch.schedule(m, r) for m, r in needed]
+        for s in scheds:
+            s.both_directions()  # as prepare_batch: the local bond term's index pairs travel with the batch
         if self.triton_plans and scheds:
             from ..kernels import dag as _kdag
 

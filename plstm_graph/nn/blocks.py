@@ -58,9 +58,14 @@ class LocalBondMix(nn.Module):
         if self.edge is not None:
             self.edge.reset_parameters()
 
-    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None):
-        src = torch.cat([edge_index[0], edge_index[1]])
-        dst = torch.cat([edge_index[1], edge_index[0]])
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
+                both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """``both_directions``: ``(src, dst)`` of :meth:`DAGSchedule.both_directions
+        <plstm_graph.graph.DAGSchedule.both_directions>` for ``edge_index`` if the caller has it (cached per
+        batch: no index concatenation in the step)."""
+        if both_directions is None:
+            both_directions = (torch.cat([edge_index[0], edge_index[1]]), torch.cat([edge_index[1], edge_index[0]]))
+        src, dst = both_directions
         msg = h[src]
         if self.edge is not None:
             if edge_attr is None:
@@ -134,7 +139,7 @@ class PLSTMGraphBlock(nn.Module):
             ea = edge_attr
             if ea is not None and sched.input_edge_ids is not None:
                 ea = ea[sched.input_edge_ids]
-            h = h + self.local(h, sched.edge_index, ea)
+            h = h + self.local(h, sched.edge_index, ea, both_directions=sched.both_directions())
         return h
 
 

@@ -257,11 +257,16 @@ class PLSTMGraphLayer(nn.Module):
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         return self._gates(x, schedule, edge_attr)
 
-    def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr) -> GraphGates:
+    def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr,
+               node_preact: Optional[torch.Tensor] = None) -> GraphGates:
+        """``node_preact``: ``gate_node(x)`` if the caller already has it (``[N, H * 8]``, from the fused
+        projection of :meth:`heads`)."""
         n, h = x.size(0), self.num_heads
         if n != schedule.num_nodes:
             raise ValueError(f"x has {n} rows but the schedule has {schedule.num_nodes} nodes")
-        g = _at_least_fp32(self.gate_node(x)).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
+        if node_preact is None:
+            node_preact = self.gate_node(x)
+        g = _at_least_fp32(node_preact).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
         e = self._edge_features(edge_attr, schedule)  # [E, H, 4] or None
         tail, head = schedule.edge_index  # [E]
         line_a, line_b = schedule.line_index  # [L]
@@ -290,14 +295,27 @@ class PLSTMGraphLayer(nn.Module):
         return GraphGates(source, transition, mark, direct)
 
     # ------------------------------------------------------------------ forward
+    def project(self, x: torch.Tensor):
+        """``(q_proj(x), k_proj(x), v_proj(x), gate_node(x))`` (before scaling and reshaping) as ONE matrix
+        product with the four weights stacked: one cast of ``x`` and one GEMM under autocast instead of four
+        each, and one GEMM per gradient in backward. The parameters stay four ``Linear`` modules (checkpoints
+        and the readable per-projection form unchanged; tested equal to it).
+
+        Shapes: x ``[N, dim]`` -> ``[N, H*K]`` x 3 and ``[N, H*8]`` (column slices of one ``[N, 3*H*K + 8*H]``).
+        """
+        mods = (self.q_proj, self.k_proj, self.v_proj, self.gate_node)
+        weight = torch.cat([m.weight for m in mods])
+        return nn.functional.linear(x, weight).split([m.out_features for m in mods], dim=-1)
+
     def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The operator output per head, before the per-head norm: ``[N, dim] -> [N, H, V]``."""
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         n, h, hd = x.size(0), self.num_heads, self.head_dim
-        gates = self._gates(x, schedule, edge_attr)
-        q = self.q_proj(x).view(n, h, hd) * (hd ** -0.5)
-        k = self.k_proj(x).view(n, h, hd)
-        v = self.v_proj(x).view(n, h, hd)
+        q, k, v, g = self.project(x)
+        gates = self._gates(x, schedule, edge_attr, node_preact=g)
+        q = q.view(n, h, hd) * (hd ** -0.5)
+        k = k.view(n, h, hd)
+        v = v.view(n, h, hd)
         # gates stay fp32 (a bf16 rounding could lift a normalised sum above 1); the operator accumulates
         # in fp32 and returns v's dtype (bf16 under autocast)
         return _operator()(

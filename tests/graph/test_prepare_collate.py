@@ -52,6 +52,8 @@ def test_unpacked_equals_prepare_batch(plans):
                         assert torch.equal(s.cache[name][k], v), (name, k)
                     else:
                         assert s.cache[name][k] == v, (name, k)
+            elif isinstance(plan, tuple):  # e.g. both_directions: (src, dst)
+                assert all(torch.equal(a, b) for a, b in zip(s.cache[name], plan)), name
             else:
                 assert s.cache[name] == plan
     tensors = [t for key in KEYS for t in got.schedule(*key).tensors() if t.numel()] + [got.x, got.edge_index]
