@@ -5,12 +5,15 @@
     # the CPU proxy (aten ops per step, CPU time); also A/B the batch preparation
     OMP_NUM_THREADS=1 python benchmarks/molecule_step.py --device cpu --max-molecules 256
     python benchmarks/molecule_step.py --device cuda --prepare off     # the old path: batch.to(device)
+    python benchmarks/molecule_step.py --device cuda --num-workers 2   # collate + prepare + pack in loader workers
 
 For each model it prints
 
 * **phases** (ms per step, medians; the device is synchronised between phases, so each phase is charged
   its own GPU work): ``load`` (DataLoader collation), ``prepare`` (``prepare_batch``: schedules and Triton
-  plans built on the CPU, then moved; plain ``batch.to`` for GIN and with ``--prepare off``), ``forward``
+  plans built on the CPU, then moved; plain ``batch.to`` for GIN and with ``--prepare off``; with
+  ``--num-workers N`` the workers collate, prepare and pack every batch of both models, ``load`` is the wait
+  for the next one and ``prepare`` the copy and unpacking), ``forward``
   (model + loss), ``backward``, ``optimizer`` (clip, AdamW step, zero_grad);
 * **step** (ms per step, no synchronisation inside the step: the number that throughput sees);
 * **counts per step** from ``torch.profiler``: ``aten::`` ops (CPU; all, and without views / empty
@@ -50,6 +53,10 @@ def _sync(device):
 
 
 def _move(batch, model, device, prepare: bool):
+    from plstm_graph.graph import PackedBatch
+
+    if isinstance(batch, PackedBatch):  # from a loader worker (--num-workers)
+        return batch.unpack(device)
     if prepare and model.model_name == "plstm":
         from plstm_graph.graph import prepare_batch
 
@@ -101,8 +108,17 @@ def run_model(name, graphs, args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     amp = device.type == "cuda"
     prepare = args.prepare == "on"
-    loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    if args.num_workers:
+        from plstm_graph.graph import PrepareCollate
+
+        collate = PrepareCollate(graphs, keys=model if name == "plstm" else (), device=device)
+        loader = torch.utils.data.DataLoader(graphs, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                             generator=torch.Generator().manual_seed(0), collate_fn=collate,
+                                             num_workers=args.num_workers, persistent_workers=True,
+                                             pin_memory=device.type == "cuda")
+    else:
+        loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(0), drop_last=True)
 
     def batches(n):
         while True:
@@ -192,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--prepare", choices=("on", "off"), default="on",
                    help="pLSTM batches: plstm_graph.graph.prepare_batch (on) or plain batch.to (off)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="loader workers (persistent) that collate, prepare and pack every batch of both models "
+                        "(plstm_graph.graph.PrepareCollate); 0: in the main process")
     args = p.parse_args(argv)
 
     import torch
@@ -210,7 +229,7 @@ def main(argv=None) -> int:
         graphs = graphs[: args.max_molecules]
     print(f"{args.dataset}: {len(graphs)} molecules, batch {args.batch_size}, hidden {args.hidden}, {args.layers} "
           f"layers, device {device}{' (bf16 autocast)' if device.type == 'cuda' else ''}, "
-          f"threads {torch.get_num_threads()}, prepare {args.prepare}")
+          f"threads {torch.get_num_threads()}, prepare {args.prepare}, loader workers {args.num_workers}")
     rows = {}
     for name in args.models:
         rows[name] = run_model(name, graphs, args, device)

@@ -7,6 +7,8 @@
     # throughput: seconds per training epoch on the same molecules, models interleaved (fair under load)
     python benchmarks/molecules.py throughput --dataset freesolv --device cpu
     python benchmarks/molecules.py throughput --dataset b3db --device cuda --batch-size 128
+    # collation, pLSTM schedules / Triton plans and packing in 2 loader workers (both models), as the CLI on a GPU
+    python benchmarks/molecules.py throughput --dataset freesolv --device cuda --num-workers 2
 
 ``accuracy`` is ``plstm-graph compare`` with the given budget; it prints the markdown table and writes
 ``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN.
@@ -42,7 +44,7 @@ def throughput(args) -> None:
     from torch_geometric.loader import DataLoader
 
     from plstm_graph.datasets.molecules import build_graphs, load_dataset
-    from plstm_graph.graph import prepare_batch
+    from plstm_graph.graph import PrepareCollate, prepare_batch
     from plstm_graph.models.molecule import MoleculeModel
 
     device = torch.device(args.device)
@@ -54,15 +56,24 @@ def throughput(args) -> None:
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
     amp = device.type == "cuda"
     times = {n: [] for n in models}
-    for rep in range(args.repeats + 1):  # the first round warms up (allocator, lazy init) and is dropped
+    loaders = {}
+    if args.num_workers:  # one persistent loader per model; its workers prepare and pack every batch
         for name, model in models.items():
-            loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=True)
+            collate = PrepareCollate(graphs, keys=model if name == "plstm" else (), device=device)
+            loaders[name] = torch.utils.data.DataLoader(
+                graphs, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate,
+                pin_memory=device.type == "cuda", persistent_workers=True)
+    for rep in range(args.repeats + 1):  # the first round warms up (allocator, lazy init, workers) and is dropped
+        for name, model in models.items():
+            loader = loaders.get(name) or DataLoader(graphs, batch_size=args.batch_size, shuffle=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             for b in loader:
                 # pLSTM: schedules and Triton plans built on the CPU batch and moved with it (no host syncs)
-                b = prepare_batch(b, device, keys=model) if name == "plstm" else b.to(device, non_blocking=True)
+                # (from the workers: a packed batch, copied and unpacked by prepare_batch, for either model)
+                b = (prepare_batch(b, device, keys=model) if name == "plstm" or args.num_workers
+                     else b.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(b)
                 y = b.y.float()
@@ -77,7 +88,8 @@ def throughput(args) -> None:
                 times[name].append(time.perf_counter() - t)
     gin = statistics.median(times["gin"]) if "gin" in times else None
     print(f"{args.dataset}: {len(graphs)} molecules/epoch, batch {args.batch_size}, hidden {args.hidden}, "
-          f"{args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, threads {torch.get_num_threads()}")
+          f"{args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, threads {torch.get_num_threads()}, "
+          f"loader workers {args.num_workers}")
     print("| model | params | s/epoch (median) | x GIN |")
     print("|---|---|---|---|")
     for name, ts in times.items():
@@ -109,6 +121,10 @@ def main(argv=None) -> int:
     a.add_argument("--out", default="runs/bench-molecules")
     t = sub.choices["throughput"]
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--num-workers", type=int, default=0,
+                   help="loader workers (persistent) that collate, build the pLSTM schedules and Triton plans and "
+                        "pack each batch (plstm_graph.graph.PrepareCollate), for every model; 0: all in the main "
+                        "process")
     args = p.parse_args(argv)
     accuracy(args) if args.what == "accuracy" else throughput(args)
     return 0

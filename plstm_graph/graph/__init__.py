@@ -8,7 +8,7 @@ from .schedule import DAGSchedule
 __all__ = [
     "compile_dag", "orient_undirected", "DAGSchedule",
     "DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key", "prepare_batch",
-    "schedule_requirements",
+    "schedule_requirements", "PackedBatch", "PrepareCollate",
 ]
 
 _LAZY = {"DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch", "schedule_key", "prepare_batch",
@@ -16,6 +16,10 @@ _LAZY = {"DAGData", "attach_schedules", "AttachSchedules", "schedule_from_batch"
 
 
 def __getattr__(name):
+    if name in ("PackedBatch", "PrepareCollate"):
+        from . import collate
+
+        return getattr(collate, name)
     if name in _LAZY:
         from . import batching
 

@@ -237,7 +237,10 @@ def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Opt
     :class:`~plstm_graph.nn.PLSTMGraphLayer` calls it, returns them as they are: no host sync in the step.
 
     Args:
-        batch: a (batched) :class:`DAGData` on the CPU; anything else is moved with ``.to(device)``.
+        batch: a (batched) :class:`DAGData` on the CPU, or a :class:`~plstm_graph.graph.collate.PackedBatch`
+            (prepared in a DataLoader worker by :class:`~plstm_graph.graph.collate.PrepareCollate`: it is
+            copied and unpacked, ``keys`` and ``triton_plans`` were decided there); anything else is moved
+            with ``.to(device)``.
         device: target device.
         keys: the model (preferred: its layers say which ``(mode, reverse)`` schedules and backends it
             uses), an iterable of ``(mode, reverse)`` / ``"P_rev"`` keys, or ``None`` (every schedule the
@@ -261,12 +264,17 @@ def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Opt
         torch.Size([6, 8])
     """
     device = torch.device(device)
+    from .collate import PackedBatch
+
+    if isinstance(batch, PackedBatch):  # prepared in a DataLoader worker (PrepareCollate): copy and unpack
+        return batch.unpack(device)
     if not isinstance(batch, DAGData) or batch.edge_index is None or batch.edge_index.device.type != "cpu":
         return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch
     needed, backends = schedule_requirements(keys, batch)
     scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
     for mode, rev in needed:
-        scheds[(mode, rev)] = batch.schedule(mode, rev)  # built on the CPU (and cached there)
+        scheds[(mode, rev)] = s = batch.schedule(mode, rev)  # built on the CPU (and cached there)
+        s.both_directions()  # the blocks' local bond term reads it: built here, moved with the rest
     if triton_plans is None:
         triton_plans = _wants_triton_plans(device, backends)
     if triton_plans and scheds:

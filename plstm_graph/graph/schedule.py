@@ -166,6 +166,19 @@ class DAGSchedule:
     def device(self) -> torch.device:
         return self.edge_index.device
 
+    def both_directions(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(src, dst)``, each ``[2E]``: every edge ``u -> w`` and then every reversed edge ``w -> u`` (for
+        message passing over the undirected graph, e.g. :class:`~plstm_graph.nn.blocks.LocalBondMix`).
+
+        Cached in ``cache`` (it moves with the schedule), so building it before the move
+        (:func:`plstm_graph.graph.prepare_batch` does, on the CPU) costs the step nothing on the device.
+        """
+        pair = self.cache.get("both_directions")
+        if pair is None:
+            tails, heads = self.edge_index
+            pair = self.cache["both_directions"] = (torch.cat([tails, heads]), torch.cat([heads, tails]))
+        return pair
+
     # ------------------------------------------------------------------ helpers
     def to(self, device, non_blocking: bool = False) -> "DAGSchedule":
         """A copy of the record with every tensor on ``device``; plans are moved, not recomputed.

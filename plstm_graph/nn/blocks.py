@@ -58,14 +58,23 @@ class LocalBondMix(nn.Module):
         if self.edge is not None:
             self.edge.reset_parameters()
 
-    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None):
-        src = torch.cat([edge_index[0], edge_index[1]])
-        dst = torch.cat([edge_index[1], edge_index[0]])
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
+                both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                edge_preact: Optional[torch.Tensor] = None):
+        """``both_directions``: ``(src, dst)`` of :meth:`DAGSchedule.both_directions
+        <plstm_graph.graph.DAGSchedule.both_directions>` for ``edge_index`` if the caller has it (cached per
+        batch: no index concatenation in the step). ``edge_preact``: ``self.edge(edge_attr)`` if the caller
+        already has it (:class:`PLSTMGraphStack` makes every block's edge projections in one GEMM)."""
+        if both_directions is None:
+            both_directions = (torch.cat([edge_index[0], edge_index[1]]), torch.cat([edge_index[1], edge_index[0]]))
+        src, dst = both_directions
         msg = h[src]
         if self.edge is not None:
             if edge_attr is None:
                 raise ValueError("LocalBondMix was built with edge_dim; pass edge_attr")
-            e = self.edge(edge_attr.to(h.dtype) if edge_attr.dim() > 1 else edge_attr[:, None].to(h.dtype))
+            e = edge_preact
+            if e is None:
+                e = self.edge(edge_attr.to(h.dtype) if edge_attr.dim() > 1 else edge_attr[:, None].to(h.dtype))
             msg = msg + torch.cat([e, e])
         msg = nn.functional.gelu(msg)
         return torch.zeros_like(h).index_add(0, dst, msg.to(h.dtype))
@@ -118,23 +127,30 @@ class PLSTMGraphBlock(nn.Module):
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
 
-    def forward(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.layer(self.norm1(x), schedule, edge_attr)
+    def forward(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
+                edge_proj: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """``edge_proj``: ``(layer.gate_edge(edge_attr), local.edge(edge_attr))`` if the caller already has them
+        (:meth:`PLSTMGraphStack.edge_projections`; ``None`` entries are computed here)."""
+        gate_pre, local_pre = edge_proj if edge_proj is not None else (None, None)
+        y = self.layer(self.norm1(x), schedule, edge_attr, edge_preact=gate_pre)
         if self.layer_scale is not None:
             y = y * self.layer_scale
         x = x + self.drop(y)
-        return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr)))
+        return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre)))
 
-    def mlp_input(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mlp_input(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
+                  edge_preact: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the MLP reads: ``RMSNorm(x)``, plus :class:`LocalBondMix` of it over the layer's DAG edges with
-        ``local_mix`` (``[N, dim]``)."""
+        ``local_mix`` (``[N, dim]``; ``edge_preact``: ``local.edge(edge_attr)`` if already made)."""
         h = self.norm2(x)
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
             ea = edge_attr
             if ea is not None and sched.input_edge_ids is not None:
                 ea = ea[sched.input_edge_ids]
-            h = h + self.local(h, sched.edge_index, ea)
+                edge_preact = edge_preact[sched.input_edge_ids] if edge_preact is not None else None
+            h = h + self.local(h, sched.edge_index, ea, both_directions=sched.both_directions(),
+                               edge_preact=edge_preact)
         return h
 
 
@@ -211,7 +227,58 @@ class PLSTMGraphStack(nn.Module):
             return schedules[i]
         return schedules  # a PyG batch: the layer picks batch.schedule(mode, reverse)
 
+    def edge_projections(self, edge_attr: torch.Tensor) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """Per block ``(layer.gate_edge(edge_attr), local.edge(edge_attr))`` (``None`` where a block has no
+        such map), all from ONE matrix product: the maps read only the edge features, not the block's input,
+        so every block's can be made up front; under autocast one cast and one GEMM instead of two of each
+        per block, and one per gradient in backward. Weights are stacked in the step (parameters and
+        checkpoints unchanged); the values are those of the maps one by one (tested).
+
+        Shapes: edge_attr ``[E, edge_dim]`` -> per block ``[E, 4H]`` (float32 or wider) and ``[E, dim]``.
+        """
+        if edge_attr.dim() == 1:
+            edge_attr = edge_attr[:, None]
+        maps = [(i, 0, b.layer.gate_edge) for i, b in enumerate(self.blocks) if b.layer.gate_edge is not None]
+        maps += [(i, 1, b.local.edge) for i, b in enumerate(self.blocks) if b.local is not None and b.local.edge is not None]
+        out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in self.blocks]
+        if not maps:
+            return [tuple(p) for p in out]
+        # gate maps first (no bias): their bias is the zero pad, then the local maps' biases
+        n_gate = sum(m.out_features for _, kind, m in maps if kind == 0)
+        weight = torch.cat([m.weight for _, _, m in maps])
+        bias = None
+        if any(kind == 1 and m.bias is not None for _, kind, m in maps):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                              for _, k, m in maps if k == 1])
+            bias = torch.cat([self._gate_bias_pad(n_gate, bias), bias]) if n_gate else bias
+        proj = nn.functional.linear(edge_attr, weight, bias)  # [E, sum of widths]
+        gates = proj[:, :n_gate]
+        if gates.dtype in (torch.float16, torch.bfloat16):
+            gates = gates.float()  # one cast for every layer's gates (the layer keeps them in float32)
+        parts = iter(list(gates.split([m.out_features for _, k, m in maps if k == 0], dim=-1))
+                     + list(proj[:, n_gate:].split([m.out_features for _, k, m in maps if k == 1], dim=-1)))
+        for (i, kind, _), part in zip(maps, parts):
+            out[i][kind] = part
+        return [tuple(p) for p in out]
+
+    def _gate_bias_pad(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``[n]`` zeros on ``like``'s device and dtype, kept between steps (no fill launch per step)."""
+        pad = self.__dict__.get("_bias_pad")
+        if pad is None or pad.numel() != n or pad.device != like.device or pad.dtype != like.dtype:
+            pad = self.__dict__["_bias_pad"] = torch.zeros(n, dtype=like.dtype, device=like.device)
+        return pad
+
+    # every block's edge-feature maps in one GEMM (edge_projections): True / False, or None: on CUDA only. It
+    # exists to cut kernel launches; on CPU the stacked GEMM (MKL) rounded a row differently depending on its
+    # position in the batch, which broke "the same molecule twice in a batch, the same prediction" bit for bit
+    fuse_edge_projections: Optional[bool] = None
+
     def forward(self, x: torch.Tensor, schedules: Schedules, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # fused only when the edge features have the blocks' dtype (else each block maps them itself, as
+        # LocalBondMix casts them to its input's dtype)
+        fuse = self.fuse_edge_projections if self.fuse_edge_projections is not None else x.is_cuda
+        fused = fuse and edge_attr is not None and edge_attr.dtype == x.dtype and len(self.blocks) > 1
+        proj = self.edge_projections(edge_attr) if fused else [None] * len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x = block(x, self._schedule_for(i, schedules), edge_attr)
+            x = block(x, self._schedule_for(i, schedules), edge_attr, edge_proj=proj[i])
         return self.norm(x)

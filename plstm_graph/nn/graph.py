@@ -229,7 +229,11 @@ class PLSTMGraphLayer(nn.Module):
         )
 
     # ------------------------------------------------------------------ gates
-    def _edge_features(self, edge_attr: Optional[torch.Tensor], schedule: DAGSchedule):
+    def _edge_features(self, edge_attr: Optional[torch.Tensor], schedule: DAGSchedule,
+                       edge_preact: Optional[torch.Tensor] = None):
+        """``[E, H, 4]`` edge gate pre-activations ``gate_edge(edge_attr)``; ``edge_preact``: that product over
+        the rows of ``edge_attr`` if the caller already has it (:class:`~plstm_graph.nn.PLSTMGraphStack` makes
+        every block's in one GEMM); rows are gathered like ``edge_attr``'s (a row-wise map commutes)."""
         if self.gate_edge is None:
             if edge_attr is not None:
                 raise ValueError("edge_attr given but the layer was built with edge_dim=None")
@@ -238,13 +242,16 @@ class PLSTMGraphLayer(nn.Module):
             raise ValueError(f"the layer was built with edge_dim={self.edge_dim}; pass edge_attr [E, {self.edge_dim}]")
         if edge_attr.dim() == 1:
             edge_attr = edge_attr[:, None]
-        if schedule.input_edge_ids is not None:  # schedule oriented from the user's edge_index
-            edge_attr = edge_attr[schedule.input_edge_ids]
-        if edge_attr.shape != (schedule.num_edges, self.edge_dim):
+        # rows: one per schedule edge, or (oriented schedule) any number that input_edge_ids indexes into
+        rows = schedule.num_edges if schedule.input_edge_ids is None else edge_attr.size(0)
+        if edge_attr.shape != (rows, self.edge_dim):
             raise ValueError(
                 f"edge_attr has shape {list(edge_attr.shape)}, expected [{schedule.num_edges}, {self.edge_dim}]"
             )
-        return _at_least_fp32(self.gate_edge(edge_attr)).view(schedule.num_edges, self.num_heads, len(self._EDGE_SLOTS))
+        pre = self.gate_edge(edge_attr) if edge_preact is None else edge_preact
+        if schedule.input_edge_ids is not None:  # schedule oriented from the user's edge_index
+            pre = pre[schedule.input_edge_ids]
+        return _at_least_fp32(pre).view(schedule.num_edges, self.num_heads, len(self._EDGE_SLOTS))
 
     def gates(
         self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None
@@ -257,12 +264,17 @@ class PLSTMGraphLayer(nn.Module):
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         return self._gates(x, schedule, edge_attr)
 
-    def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr) -> GraphGates:
+    def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr,
+               node_preact: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None) -> GraphGates:
+        """``node_preact``: ``gate_node(x)`` if the caller already has it (``[N, H * 8]``, from the fused
+        projection of :meth:`heads`); ``edge_preact``: ``gate_edge(edge_attr)`` likewise."""
         n, h = x.size(0), self.num_heads
         if n != schedule.num_nodes:
             raise ValueError(f"x has {n} rows but the schedule has {schedule.num_nodes} nodes")
-        g = _at_least_fp32(self.gate_node(x)).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
-        e = self._edge_features(edge_attr, schedule)  # [E, H, 4] or None
+        if node_preact is None:
+            node_preact = self.gate_node(x)
+        g = _at_least_fp32(node_preact).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
+        e = self._edge_features(edge_attr, schedule, edge_preact)  # [E, H, 4] or None
         tail, head = schedule.edge_index  # [E]
         line_a, line_b = schedule.line_index  # [L]
         # Every slot read along an edge comes from one row gather per endpoint (g_tail, g_head: one gather and
@@ -290,14 +302,29 @@ class PLSTMGraphLayer(nn.Module):
         return GraphGates(source, transition, mark, direct)
 
     # ------------------------------------------------------------------ forward
-    def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The operator output per head, before the per-head norm: ``[N, dim] -> [N, H, V]``."""
+    def project(self, x: torch.Tensor):
+        """``(q_proj(x), k_proj(x), v_proj(x), gate_node(x))`` (before scaling and reshaping) as ONE matrix
+        product with the four weights stacked: one cast of ``x`` and one GEMM under autocast instead of four
+        each, and one GEMM per gradient in backward. The parameters stay four ``Linear`` modules (checkpoints
+        and the readable per-projection form unchanged; tested equal to it).
+
+        Shapes: x ``[N, dim]`` -> ``[N, H*K]`` x 3 and ``[N, H*8]`` (column slices of one ``[N, 3*H*K + 8*H]``).
+        """
+        mods = (self.q_proj, self.k_proj, self.v_proj, self.gate_node)
+        weight = torch.cat([m.weight for m in mods])
+        return nn.functional.linear(x, weight).split([m.out_features for m in mods], dim=-1)
+
+    def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
+              edge_preact: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The operator output per head, before the per-head norm: ``[N, dim] -> [N, H, V]``.
+        ``edge_preact``: ``gate_edge(edge_attr)`` if the caller already has it (see :meth:`_edge_features`)."""
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         n, h, hd = x.size(0), self.num_heads, self.head_dim
-        gates = self._gates(x, schedule, edge_attr)
-        q = self.q_proj(x).view(n, h, hd) * (hd ** -0.5)
-        k = self.k_proj(x).view(n, h, hd)
-        v = self.v_proj(x).view(n, h, hd)
+        q, k, v, g = self.project(x)
+        gates = self._gates(x, schedule, edge_attr, node_preact=g, edge_preact=edge_preact)
+        q = q.view(n, h, hd) * (hd ** -0.5)
+        k = k.view(n, h, hd)
+        v = v.view(n, h, hd)
         # gates stay fp32 (a bf16 rounding could lift a normalised sum above 1); the operator accumulates
         # in fp32 and returns v's dtype (bf16 under autocast)
         return _operator()(
@@ -307,8 +334,8 @@ class PLSTMGraphLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, schedule: Union[DAGSchedule, "torch_geometric.data.Data"],
-        edge_attr: Optional[torch.Tensor] = None,
+        edge_attr: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        y = self.heads(x, schedule, edge_attr)  # [N, H, V]
+        y = self.heads(x, schedule, edge_attr, edge_preact)  # [N, H, V]
         y = self.norm(y)
         return self.out_proj(y.reshape(x.size(0), self.num_heads * self.head_dim))

@@ -147,7 +147,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--devices", type=_positive_int, default=1, help="GPUs (or CPU processes); >1 uses DDP")
     g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"))
     g.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32 on CPU)")
-    g.add_argument("--num-workers", type=_nonneg_int, default=0, help="data loader workers (default 0)")
+    g.add_argument("--num-workers", type=_nonneg_int, default=None,
+                   help="data loader workers; they also build the pLSTM schedules and Triton plans and pack each "
+                        "batch for one copy to the device (default: 2 when training on a GPU, 0 on CPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -141,9 +141,12 @@ class MoleculeLitModule(pl.LightningModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """pLSTM batches: schedules and Triton plans are built on the CPU batch, then moved with it
-        (:func:`~plstm_graph.graph.prepare_batch`), so the step on the GPU never syncs for them."""
-        from plstm_graph.graph import DAGData, prepare_batch
+        (:func:`~plstm_graph.graph.prepare_batch`), so the step on the GPU never syncs for them. With loader
+        workers (:class:`MoleculeDataModule`) that was done in the workers and only the copy is left here."""
+        from plstm_graph.graph import DAGData, PackedBatch, prepare_batch
 
+        if isinstance(batch, PackedBatch):  # prepared in a loader worker: one copy, then views
+            return prepare_batch(batch, device)
         if isinstance(batch, DAGData) and self.model.model_name == "plstm":
             return prepare_batch(batch, device, keys=self.model)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
@@ -208,20 +211,43 @@ class MoleculeLitModule(pl.LightningModule):
 
 class MoleculeDataModule(pl.LightningDataModule):
     """Train / val / test lists of :class:`~plstm_graph.graph.DAGData` as PyG loaders (Lightning adds the
-    distributed sampler under DDP)."""
+    distributed sampler under DDP).
+
+    ``num_workers > 0``: the workers (persistent) also do the host part of moving a batch to the device: for
+    the model being trained (the attached trainer's module) they build the pLSTM schedules and, when the
+    trainer runs on CUDA, their Triton plans, and pack everything into one buffer
+    (:class:`~plstm_graph.graph.PrepareCollate`); the main process only copies it
+    (:meth:`MoleculeLitModule.transfer_batch_to_device`), from pinned memory on CUDA. ``0``: PyG's loader in
+    the main process, as before.
+    """
 
     def __init__(self, train: list, val: list, test: list, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.train_set, self.val_set, self.test_set = train, val, test
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
-    def _loader(self, data, shuffle: bool) -> DataLoader:
+    def _prepare_collate(self, data):
+        """The workers' collate function: schedules (and plans) for the attached trainer's model and device."""
+        from plstm_graph.graph import PrepareCollate
+
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        model = getattr(module, "model", None)
+        keys = model if getattr(model, "model_name", None) == "plstm" else ()
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return PrepareCollate(data, keys=keys, device=device), device.type == "cuda"
+
+    def _loader(self, data, shuffle: bool):
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
         # a trailing training batch of one molecule (possibly one atom) breaks BatchNorm in the baselines;
         # drop it (the order is reshuffled every epoch, so no molecule is left out for good)
         drop_last = shuffle and len(data) % self.batch_size == 1 and len(data) > self.batch_size
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=gen, persistent_workers=self.num_workers > 0, drop_last=drop_last)
+        if self.num_workers == 0:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last)
+        collate, pin = self._prepare_collate(data)
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
+                                           num_workers=self.num_workers, collate_fn=collate, pin_memory=pin,
+                                           generator=gen, persistent_workers=True, drop_last=drop_last)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True)

@@ -68,7 +68,7 @@ class TrainConfig:
     devices: int = 1
     accelerator: str = "auto"
     precision: Optional[str] = None
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: 2 when training on a GPU, else 0
     out: str = "runs/freesolv-plstm"
     cache_dir: Optional[str] = None
     max_molecules: Optional[int] = None
@@ -85,7 +85,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "num_layers", "num_heads", "devices", "folds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
+        if self.patience < 0 or (self.num_workers or 0) < 0 or self.warmup_epochs < 0:
             raise ValueError("--patience, --num-workers and --warmup-epochs must be non-negative")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
@@ -241,11 +241,14 @@ def train_run(cfg: TrainConfig) -> Dict:
                                epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                ema_decay=cfg.ema_decay,
                                plstm_lr_scale=cfg.plstm_lr_scale if cfg.model == "plstm" else 1.0)
-    data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
-                              num_workers=cfg.num_workers, seed=cfg.seed)
     name, mode = primary_metric(table.task)
     out.mkdir(parents=True, exist_ok=True)
     trainer = _trainer(cfg, out, f"val_{name}", mode)
+    workers = cfg.num_workers
+    if workers is None:  # GPU steps are short enough for the host work of a batch to matter; on CPU they are not
+        workers = 2 if trainer.strategy.root_device.type == "cuda" else 0
+    data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
+                              num_workers=workers, seed=cfg.seed)
     trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
         return {}

@@ -77,3 +77,95 @@ def test_feature_embedding_equals_per_column_sum():
     assert "offsets" not in emb.state_dict()  # checkpoints unchanged
     assert FeatureEmbedding((4,), 3)(torch.tensor([[1], [3]])).shape == (2, 3)
     assert FeatureEmbedding((4, 2), 3)(torch.zeros(0, 2, dtype=torch.long)).shape == (0, 3)
+
+
+@pytest.mark.parametrize("mode", ["P", "D"])
+def test_fused_projection_equals_four_linears(mode):
+    """PLSTMGraphLayer.heads projects q, k, v and the node gates with one stacked GEMM (PLSTMGraphLayer.project);
+    it equals the four Linear modules applied one by one, output and every gradient."""
+    torch.manual_seed(0)
+    n = 30
+    s = compile_dag(random_dag(n, 0.2, 3), num_nodes=n, mode=mode)
+    layer = PLSTMGraphLayer(12, 3, mode=mode, edge_dim=5, gate_init_std=0.5)
+    x = torch.randn(n, 12, requires_grad=True)
+    e = torch.randn(s.num_edges, 5, requires_grad=True)
+
+    def old_heads():  # the per-projection form of PLSTMGraphLayer.heads before the fusion (verbatim)
+        h, hd = layer.num_heads, layer.head_dim
+        gates = layer._gates(x, s, e)
+        q = layer.q_proj(x).view(n, h, hd) * (hd ** -0.5)
+        k = layer.k_proj(x).view(n, h, hd)
+        v = layer.v_proj(x).view(n, h, hd)
+        from plstm_graph.ops import plstm_dag
+
+        return plstm_dag(q, k, v, gates.source, gates.transition, gates.mark, gates.direct, s, backend="auto")
+
+    for proj, lin in zip(layer.project(x), (layer.q_proj, layer.k_proj, layer.v_proj, layer.gate_node)):
+        torch.testing.assert_close(proj, lin(x), rtol=1e-6, atol=1e-6)
+    new, old = layer.heads(x, s, e), old_heads()
+    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(new)
+    inputs = [x, e] + list(layer.parameters())
+    ga = torch.autograd.grad((new * w).sum(), inputs, allow_unused=True)
+    gb = torch.autograd.grad((old * w).sum(), inputs, allow_unused=True)
+    for a, b in zip(ga, gb):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert set(layer.state_dict()) >= {"q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_node.weight"}
+
+
+def test_local_bond_mix_cached_pairs_equal_concatenation():
+    from plstm_graph.nn import LocalBondMix
+
+    torch.manual_seed(0)
+    s = compile_dag(random_dag(25, 0.25, 4), num_nodes=25, mode="P")
+    mix = LocalBondMix(6, edge_dim=3)
+    h, ea = torch.randn(25, 6), torch.randn(s.num_edges, 3)
+    src, dst = s.both_directions()
+    ei = s.edge_index
+    assert torch.equal(src, torch.cat([ei[0], ei[1]])) and torch.equal(dst, torch.cat([ei[1], ei[0]]))
+    assert s.both_directions()[0] is src  # cached on the schedule
+    assert torch.equal(mix(h, ei, ea, both_directions=(src, dst)), mix(h, ei, ea))
+    moved = s.to("meta")
+    assert moved.both_directions()[0].device.type == "meta"  # travels with the schedule
+
+
+@pytest.mark.parametrize("local_mix", [True, False])
+def test_stack_edge_projections_in_one_gemm_equal_per_block(local_mix):
+    """PLSTMGraphStack makes every block's edge-feature maps (the layer's gate_edge, LocalBondMix.edge) in one
+    GEMM up front; the stack's output and every gradient equal running each block on the raw edge features."""
+    from plstm_graph.nn import PLSTMGraphStack
+
+    torch.manual_seed(0)
+    n = 30
+    ei = random_dag(n, 0.2, 5)
+    scheds = {(m, r): (compile_dag(ei, num_nodes=n, mode=m).reverse() if r else compile_dag(ei, num_nodes=n, mode=m))
+              for m in ("P", "D") for r in (False, True)}
+    stack = PLSTMGraphStack(12, 3, edge_dim=5, local_mix=local_mix, layer_scale=0.5, gate_init_std=0.5)
+    stack.fuse_edge_projections = True  # the default fuses on CUDA only
+    x = torch.randn(n, 12, requires_grad=True)
+    e = torch.randn(scheds[("P", False)].num_edges, 5, requires_grad=True)
+    proj = stack.edge_projections(e)
+    for block, (gate, local) in zip(stack.blocks, proj):
+        torch.testing.assert_close(gate, block.layer.gate_edge(e), rtol=1e-6, atol=1e-6)
+        assert (local is None) == (not local_mix)
+        if local_mix:
+            torch.testing.assert_close(local, block.local.edge(e), rtol=1e-6, atol=1e-6)
+
+    def per_block():
+        h = x
+        for i, block in enumerate(stack.blocks):
+            h = block(h, stack._schedule_for(i, scheds), e)  # edge_proj=None: each block maps e itself
+        return stack.norm(h)
+
+    new, old = stack(x, scheds, e), per_block()
+    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(new)
+    inputs = [x, e] + list(stack.parameters())
+    ga = torch.autograd.grad((new * w).sum(), inputs)
+    gb = torch.autograd.grad((old * w).sum(), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not any("bias_pad" in k for k in stack.state_dict())  # checkpoints unchanged

@@ -102,6 +102,18 @@ def test_classification_and_compare(tmp_path, capsys):
     assert res["runs"][0]["task"] == "classification"
 
 
+@pytest.mark.parametrize("model", ["plstm", "gin"])
+def test_train_with_loader_workers(tmp_path, model):
+    """--num-workers: the workers collate, prepare (pLSTM schedules) and pack; the run completes either way."""
+    data = _dataset(tmp_path)
+    out = tmp_path / model
+    rc = main(["train", "--csv", data, "--smiles-column", "smiles", "--target-column", "a", "--model", model,
+               "--num-workers", "1", "--cache-dir", str(tmp_path / "c"), "--out", str(out), *TINY])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(m["test"]["rmse"]) and m["config"]["num_workers"] == 1
+
+
 def _err(capsys, argv):
     try:
         rc = main(argv)
