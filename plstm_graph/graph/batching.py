@@ -200,28 +200,74 @@ def _wants_triton_plans(device: torch.device, backends: Set[str]) -> bool:
 _ALIGN = 64  # bytes; every packed tensor starts aligned (Triton specialises kernels on 16-byte alignment)
 
 
+def _pack_host(tensors: Sequence[torch.Tensor], pin: bool = False):
+    """The bytes of CPU ``tensors`` in ONE uint8 buffer (pinned with ``pin``), grouped by dtype, every tensor
+    starting on a 64-byte boundary. Returns ``(buffer, groups, slots)``: ``groups`` per dtype ``(dtype, byte
+    offset, [numel of each piece])`` (the pieces are the dtype's tensors and the padding after them) and
+    ``slots[i] = (group, piece, shape)`` of ``tensors[i]``; :func:`_group_views` turns a copy of the buffer
+    back into tensors."""
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    pieces: List[torch.Tensor] = []
+    groups, slots = [], [None] * len(tensors)
+    off = 0
+    pad = torch.zeros(_ALIGN, dtype=torch.uint8)
+    for dt, idx in by_dtype.items():
+        size = torch.empty(0, dtype=dt).element_size()
+        numels, start = [], off
+        for i in idx:
+            t = tensors[i].detach().contiguous()
+            slots[i] = (len(groups), len(numels), tuple(t.shape))
+            numels.append(t.numel())
+            if t.numel():
+                pieces.append(t.view(-1).view(torch.uint8))
+                off += t.numel() * size
+            if off % _ALIGN:
+                gap = _ALIGN - off % _ALIGN
+                pieces.append(pad[:gap])
+                off += gap
+                numels.append(gap // size)  # _ALIGN is a multiple of every element size
+        groups.append((dt, start, numels))
+    buffer = torch.empty(off, dtype=torch.uint8, pin_memory=pin and off > 0)
+    if pieces:
+        torch.cat(pieces, out=buffer)
+    return buffer, groups, slots
+
+
+def _group_views(buf: torch.Tensor, groups) -> List[List[torch.Tensor]]:
+    """Per group of :func:`_pack_host`, the flat views of its pieces in ``buf`` (one ``split`` per dtype)."""
+    out = []
+    for dt, start, numels in groups:
+        size = torch.empty(0, dtype=dt).element_size()
+        out.append(list(torch.split(buf[start: start + sum(numels) * size].view(dt), numels)))
+    return out
+
+
 def _pack_to(tensors: Sequence[torch.Tensor], device: torch.device, pin: bool) -> List[torch.Tensor]:
     """Move CPU tensors to ``device`` with ONE host-to-device copy: their bytes are packed into one (pinned)
-    buffer, copied asynchronously, and every result is a contiguous view of the device buffer."""
-    pieces, spans, off = [], [], 0
-    pad = torch.zeros(_ALIGN, dtype=torch.uint8)
-    for t in tensors:
-        t = t.detach().contiguous()
-        nbytes = t.numel() * t.element_size()
-        spans.append((off, nbytes, t.dtype, t.shape))
-        if nbytes:
-            pieces.append(t.view(-1).view(torch.uint8))
-            off += nbytes
-            if off % _ALIGN:
-                pieces.append(pad[: _ALIGN - off % _ALIGN])
-                off += _ALIGN - off % _ALIGN
-    if not pieces:
-        return [torch.empty(shape, dtype=dt, device=device) for _, _, dt, shape in spans]
-    host = torch.empty(off, dtype=torch.uint8, pin_memory=pin)
-    torch.cat(pieces, out=host)
-    dev = host.to(device, non_blocking=True)
-    return [dev[o: o + n].view(dt).view(shape) if n else torch.empty(shape, dtype=dt, device=device)
-            for o, n, dt, shape in spans]
+    buffer (:func:`_pack_host`), copied asynchronously, and every result is a contiguous view of the device
+    buffer."""
+    host, groups, slots = _pack_host(tensors, pin=pin)
+    views = _group_views(host.to(device, non_blocking=True), groups)
+    return [views[g][p].view(shape) for g, p, shape in slots]
+
+
+def _build_schedules(batch: DAGData, needed, triton_plans: bool) -> Dict[Tuple[str, bool], DAGSchedule]:
+    """The ``needed`` ``(mode, reverse)`` schedules of a CPU ``batch`` (cached in it), each with its
+    two-direction edge list (the blocks' local bond term reads it) and, with ``triton_plans``, its Triton plan:
+    everything the step needs, built on the host (by :func:`prepare_batch`, or in a DataLoader worker by
+    :class:`~plstm_graph.graph.collate.PrepareCollate`)."""
+    scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
+    for mode, rev in needed:
+        scheds[(mode, rev)] = s = batch.schedule(mode, rev)
+        s.both_directions()
+    if triton_plans and scheds:
+        from ..kernels import dag as _kdag
+
+        for s in scheds.values():
+            _kdag._plan(s, _kdag._choose_strategy(s))
+    return scheds
 
 
 def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Optional[bool] = None,
@@ -271,17 +317,9 @@ def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Opt
     if not isinstance(batch, DAGData) or batch.edge_index is None or batch.edge_index.device.type != "cpu":
         return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch
     needed, backends = schedule_requirements(keys, batch)
-    scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
-    for mode, rev in needed:
-        scheds[(mode, rev)] = s = batch.schedule(mode, rev)  # built on the CPU (and cached there)
-        s.both_directions()  # the blocks' local bond term reads it: built here, moved with the rest
     if triton_plans is None:
         triton_plans = _wants_triton_plans(device, backends)
-    if triton_plans and scheds:
-        from ..kernels import dag as _kdag
-
-        for s in scheds.values():
-            _kdag._plan(s, _kdag._choose_strategy(s))
+    scheds = _build_schedules(batch, needed, triton_plans)
     if device == batch.edge_index.device:
         return batch
     return _move_prepared(batch, scheds, device, pack)

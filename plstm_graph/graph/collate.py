@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .batching import ScheduleKeys, _ALIGN, _wants_triton_plans, schedule_key, schedule_requirements
+from .batching import (ScheduleKeys, _build_schedules, _group_views, _pack_host, _wants_triton_plans,
+                       schedule_requirements)
 
 __all__ = ["PackedBatch", "PrepareCollate"]
 
@@ -96,41 +97,15 @@ class PackedBatch:
                 device_ids.add(id(t))
         for s in schedules:
             object.__setattr__(s, "cache", _host_tensors_apart(s.cache, device_ids))
-        slots: Dict[int, int] = {}
+        seen: Dict[int, int] = {}  # id(tensor) -> its slot
         tensors: List[torch.Tensor] = []
         out = io.BytesIO()
-        _Pickler(out, slots, device_ids, tensors).dump(batch)
-        # byte layout: tensors grouped by dtype, each 64-byte aligned
-        by_dtype: Dict[torch.dtype, List[int]] = {}
-        for i, t in enumerate(tensors):
+        _Pickler(out, seen, device_ids, tensors).dump(batch)
+        for t in tensors:
             if t.device.type != "cpu" or t.layout != torch.strided:
                 raise ValueError("PackedBatch.pack takes a batch whose tensors are all dense and on the CPU")
-            by_dtype.setdefault(t.dtype, []).append(i)
-        pieces: List[torch.Tensor] = []
-        groups, slot_of = [], [None] * len(tensors)
-        off = 0
-        pad = torch.zeros(_ALIGN, dtype=torch.uint8)
-        for dt, idx in by_dtype.items():
-            size = torch.empty(0, dtype=dt).element_size()
-            numels, start = [], off
-            for i in idx:
-                t = tensors[i].detach().contiguous()
-                slot_of[i] = (len(groups), len(numels), tuple(t.shape))
-                numels.append(t.numel())
-                nbytes = t.numel() * size
-                if nbytes:
-                    pieces.append(t.view(-1).view(torch.uint8))
-                    off += nbytes
-                if off % _ALIGN:
-                    gap = _ALIGN - off % _ALIGN
-                    pieces.append(pad[:gap])
-                    off += gap
-                    numels.append(gap // size)  # _ALIGN is a multiple of every element size
-            groups.append((dt, start, numels))
-        buffer = torch.empty(off, dtype=torch.uint8)
-        if pieces:
-            torch.cat(pieces, out=buffer)
-        return cls(buffer, out.getvalue(), groups, slot_of)
+        buffer, groups, slots = _pack_host(tensors)
+        return cls(buffer, out.getvalue(), groups, slots)
 
     def pin_memory(self, device=None) -> "PackedBatch":
         """A copy whose buffer is in pinned memory (``DataLoader(pin_memory=True)`` calls this)."""
@@ -138,22 +113,14 @@ class PackedBatch:
             return self
         return PackedBatch(self.buffer.pin_memory(), self.skeleton, self.groups, self.slots)
 
-    def _views(self, buf: torch.Tensor) -> List[List[torch.Tensor]]:
-        out = []
-        for dt, start, numels in self.groups:
-            size = torch.empty(0, dtype=dt).element_size()
-            region = buf[start: start + sum(numels) * size].view(dt)
-            out.append(list(torch.split(region, numels)))  # one call for every tensor of the dtype
-        return out
-
     def unpack(self, device="cpu"):
         """The batch on ``device``, with its prepared schedules (and plans) in its schedule cache; one
         asynchronous host-to-device copy (from pinned memory if :meth:`pin_memory` ran)."""
         device = torch.device(device)
         host_buf = self.buffer
         dev_buf = host_buf if device.type == "cpu" else host_buf.to(device, non_blocking=True)
-        host = self._views(host_buf)
-        dev = host if dev_buf is host_buf else self._views(dev_buf)
+        host = _group_views(host_buf, self.groups)
+        dev = host if dev_buf is host_buf else _group_views(dev_buf, self.groups)
         made: Dict[Tuple[int, bool], torch.Tensor] = {}
 
         def view(slot: int, on_device: bool) -> torch.Tensor:
@@ -218,12 +185,4 @@ class PrepareCollate:
     def __call__(self, data_list) -> PackedBatch:
         batch = self.collater(data_list)
         needed = self.needed if self.needed is not None else schedule_requirements(None, batch)[0]
-        scheds = [batch.schedule(m, r) for m, r in needed]
-        for s in scheds:
-            s.both_directions()  # as prepare_batch: the local bond term's index pairs travel with the batch
-        if self.triton_plans and scheds:
-            from ..kernels import dag as _kdag
-
-            for s in scheds:
-                _kdag._plan(s, _kdag._choose_strategy(s))
-        return PackedBatch.pack(batch, scheds)
+        return PackedBatch.pack(batch, list(_build_schedules(batch, needed, self.triton_plans).values()))

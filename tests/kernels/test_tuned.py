@@ -63,29 +63,31 @@ def test_tuned_picks_the_fastest_fitting_config_once_per_key(fake_bench):
     assert len(calls) == n + 6
 
 
-def test_tuned_reraises_real_errors(monkeypatch):
-    class Broken:
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                raise TypeError("bad argument")
-            return launch
+class RaisingKernel:
+    """Every launch raises ``exc``."""
 
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            raise self.exc
+        return launch
+
+
+def _plain_bench(monkeypatch):
     mod = types.ModuleType("triton.testing")
     mod.do_bench = lambda fn: fn()
     monkeypatch.setitem(sys.modules, "triton.testing", mod)
+
+
+def test_tuned_reraises_real_errors(monkeypatch):
+    _plain_bench(monkeypatch)
     with pytest.raises(TypeError, match="bad argument"):
-        Tuned(Broken(), [(4, 1)])[(1,)](K=16)
+        Tuned(RaisingKernel(TypeError("bad argument")), [(4, 1)])[(1,)](K=16)
 
 
 def test_tuned_says_when_nothing_fits(monkeypatch):
-    class TooBig:
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                raise OutOfResources("registers")
-            return launch
-
-    mod = types.ModuleType("triton.testing")
-    mod.do_bench = lambda fn: fn()
-    monkeypatch.setitem(sys.modules, "triton.testing", mod)
+    _plain_bench(monkeypatch)
     with pytest.raises(RuntimeError, match="no launch configuration"):
-        Tuned(TooBig(), [(4, 1), (8, 1)])[(1,)](K=16)
+        Tuned(RaisingKernel(OutOfResources("registers")), [(4, 1), (8, 1)])[(1,)](K=16)
