@@ -103,15 +103,22 @@ def run_model(name, graphs, args, device):
     from plstm_graph.models.molecule import MoleculeModel
 
     torch.manual_seed(0)
-    model = MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
+    base = name.split("-")[0]
+    model = MoleculeModel(base, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           dropout=0.1).to(device)
+    if name == "plstm-readable":  # A/B: the readable torch gates instead of the fused Triton gate kernels
+        from plstm_graph.nn import PLSTMGraphLayer
+
+        for m in model.modules():
+            if isinstance(m, PLSTMGraphLayer):
+                m.fused_gates = False
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     amp = device.type == "cuda"
     prepare = args.prepare == "on"
     if args.num_workers:
         from plstm_graph.graph import PrepareCollate
 
-        collate = PrepareCollate(graphs, keys=model if name == "plstm" else (), device=device)
+        collate = PrepareCollate(graphs, keys=model if base == "plstm" else (), device=device)
         loader = torch.utils.data.DataLoader(graphs, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(0), collate_fn=collate,
                                              num_workers=args.num_workers, persistent_workers=True,
@@ -197,7 +204,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dataset", default="freesolv")
-    p.add_argument("--models", nargs="+", default=["plstm", "gin"])
+    p.add_argument("--models", nargs="+", default=["plstm", "gin"],
+                   help="plstm, gin, ...; plstm-readable: pLSTM with the readable torch gates (fused_gates=False)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)

@@ -56,6 +56,23 @@ def _operator():
     return plstm_dag
 
 
+def _kgates():
+    from ..kernels import graph_gates  # lazy: triton is imported on first use only
+
+    return graph_gates
+
+
+_GATE_KERNELS = []
+
+
+def _gate_kernels_available() -> bool:
+    if not _GATE_KERNELS:
+        from ..kernels._common import available
+
+        _GATE_KERNELS.append(available())
+    return _GATE_KERNELS[0]
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision to float32; keep float32 / float64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -132,6 +149,11 @@ class PLSTMGraphLayer(nn.Module):
         gate_init_std: std of the normal init of the gate weight matrices (small: gates start nearly
             input-independent, at their biases).
         recompute: ``levels`` / ``triton`` backends store no edge states for backward (saves memory).
+        fused_gates: compute the gates with the fused Triton kernels of :mod:`plstm_graph.kernels.graph_gates`
+            (two launches forward, two backward, instead of ~31 and ~55 small ones). ``None`` (default): on
+            CUDA when triton is installed; ``True``: always (on CPU only under ``TRITON_INTERPRET=1``);
+            ``False``: the readable torch form (:meth:`gates` documents both). float64 inputs and
+            ``torch.compile`` always take the readable form.
 
     Shapes:
         x: ``[N, dim]``; edge_attr: ``[E, edge_dim]`` aligned with the schedule's ``edge_index`` columns
@@ -169,6 +191,7 @@ class PLSTMGraphLayer(nn.Module):
         transition_scale: float = 5.0,
         gate_init_std: float = 0.02,
         recompute: bool = False,
+        fused_gates: Optional[bool] = None,
     ):
         super().__init__()
         if mode not in ("P", "D"):
@@ -180,6 +203,7 @@ class PLSTMGraphLayer(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.mode, self.reverse, self.edge_dim = mode, reverse, edge_dim
         self.backend, self.normalize, self.recompute = backend, normalize, recompute
+        self.fused_gates = fused_gates
         self.init = dict(
             source=source_bias, mark=mark_bias, direct=direct_bias, transition=transition_bias,
             std=gate_init_std,
@@ -231,9 +255,9 @@ class PLSTMGraphLayer(nn.Module):
     # ------------------------------------------------------------------ gates
     def _edge_features(self, edge_attr: Optional[torch.Tensor], schedule: DAGSchedule,
                        edge_preact: Optional[torch.Tensor] = None):
-        """``[E, H, 4]`` edge gate pre-activations ``gate_edge(edge_attr)``; ``edge_preact``: that product over
-        the rows of ``edge_attr`` if the caller already has it (:class:`~plstm_graph.nn.PLSTMGraphStack` makes
-        every block's in one GEMM); rows are gathered like ``edge_attr``'s (a row-wise map commutes)."""
+        """``[E_in, H * 4]`` edge gate pre-activations ``gate_edge(edge_attr)``, one row per row of ``edge_attr``
+        (checked against the schedule), or ``None`` without edge features; ``edge_preact``: that product if the
+        caller already has it (:class:`~plstm_graph.nn.PLSTMGraphStack` makes every block's in one GEMM)."""
         if self.gate_edge is None:
             if edge_attr is not None:
                 raise ValueError("edge_attr given but the layer was built with edge_dim=None")
@@ -248,7 +272,14 @@ class PLSTMGraphLayer(nn.Module):
             raise ValueError(
                 f"edge_attr has shape {list(edge_attr.shape)}, expected [{schedule.num_edges}, {self.edge_dim}]"
             )
-        pre = self.gate_edge(edge_attr) if edge_preact is None else edge_preact
+        return self.gate_edge(edge_attr) if edge_preact is None else edge_preact
+
+    def _edge_gate_features(self, edge_attr: Optional[torch.Tensor], schedule: DAGSchedule,
+                            edge_preact: Optional[torch.Tensor] = None):
+        """:meth:`_edge_features` gathered to the schedule's edges: ``[E, H, 4]`` (at least float32) or ``None``."""
+        pre = self._edge_features(edge_attr, schedule, edge_preact)
+        if pre is None:
+            return None
         if schedule.input_edge_ids is not None:  # schedule oriented from the user's edge_index
             pre = pre[schedule.input_edge_ids]
         return _at_least_fp32(pre).view(schedule.num_edges, self.num_heads, len(self._EDGE_SLOTS))
@@ -264,6 +295,19 @@ class PLSTMGraphLayer(nn.Module):
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         return self._gates(x, schedule, edge_attr)
 
+    def _fused_gates(self, node_preact: torch.Tensor) -> bool:
+        """Whether :meth:`_gates` takes the fused Triton kernels (see ``fused_gates`` in the class docstring)."""
+        if self.fused_gates is False or torch.compiler.is_compiling():
+            return False
+        if node_preact.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if self.fused_gates is None:
+            return node_preact.is_cuda and _gate_kernels_available()
+        if not _gate_kernels_available():
+            raise RuntimeError("fused_gates=True needs the triton package and a CUDA device (or TRITON_INTERPRET=1 "
+                               "on CPU); pip install 'plstm-graph[triton]' or pass fused_gates=None")
+        return True
+
     def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr,
                node_preact: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None) -> GraphGates:
         """``node_preact``: ``gate_node(x)`` if the caller already has it (``[N, H * 8]``, from the fused
@@ -273,8 +317,14 @@ class PLSTMGraphLayer(nn.Module):
             raise ValueError(f"x has {n} rows but the schedule has {schedule.num_nodes} nodes")
         if node_preact is None:
             node_preact = self.gate_node(x)
+        if self._fused_gates(node_preact):
+            pre = self._edge_features(edge_attr, schedule, edge_preact)  # [E_in, H * 4] or None
+            return GraphGates(*_kgates().graph_gates_triton(
+                node_preact, pre, self.source_bias, self.mark_bias, self.transition_bias, self.direct_bias,
+                schedule.edge_index, schedule.line_index, schedule.input_edge_ids, h, self.transition_scale,
+                self.mode == "P" and self.normalize))
         g = _at_least_fp32(node_preact).view(n, h, len(self._NODE_SLOTS))  # [N, H, 8], fp32 under autocast
-        e = self._edge_features(edge_attr, schedule, edge_preact)  # [E, H, 4] or None
+        e = self._edge_gate_features(edge_attr, schedule, edge_preact)  # [E, H, 4] or None
         tail, head = schedule.edge_index  # [E]
         line_a, line_b = schedule.line_index  # [L]
         # Every slot read along an edge comes from one row gather per endpoint (g_tail, g_head: one gather and

@@ -12,7 +12,7 @@ def _old_gates(layer: PLSTMGraphLayer, x, schedule, edge_attr):
     """The per-slot gather formula of PLSTMGraphLayer._gates before the refactoring (verbatim)."""
     n, h = x.size(0), layer.num_heads
     g = layer.gate_node(x).float().view(n, h, 8)
-    e = layer._edge_features(edge_attr, schedule)
+    e = layer._edge_gate_features(edge_attr, schedule)  # [E, H, 4] (named _edge_features before)
     tail, head = schedule.edge_index
     line_a, line_b = schedule.line_index
     shared = tail[line_b]
@@ -39,7 +39,7 @@ def test_gates_equal_old_formula(mode, edge_dim, case):
     _, ei, n = case
     torch.manual_seed(0)
     s = compile_dag(ei, num_nodes=n, mode=mode)
-    layer = PLSTMGraphLayer(12, 3, mode=mode, edge_dim=edge_dim, gate_init_std=0.5)
+    layer = PLSTMGraphLayer(12, 3, mode=mode, edge_dim=edge_dim, gate_init_std=0.5, fused_gates=False)
     x = torch.randn(n, 12, requires_grad=True)
     e = torch.randn(s.num_edges, edge_dim, requires_grad=True) if edge_dim else None
     new = layer.gates(x, s, e)
@@ -169,3 +169,26 @@ def test_stack_edge_projections_in_one_gemm_equal_per_block(local_mix):
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not any("bias_pad" in k for k in stack.state_dict())  # checkpoints unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_multihead_rmsnorm_equals_formula(dtype):
+    """MultiHeadRMSNorm runs torch's rms_norm per head (fused on CUDA); it equals the explicit formula
+    ``y * rsqrt(mean_V(y^2) + eps) * weight[h]`` in at least float32, output and gradients."""
+    from plstm_graph.nn import MultiHeadRMSNorm
+
+    torch.manual_seed(0)
+    norm = MultiHeadRMSNorm(3, 5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    y = (torch.randn(7, 3, 5) * torch.logspace(-3, 2, 7)[:, None, None]).to(dtype).requires_grad_(True)
+    out = norm(y)
+    y32 = y.float() if dtype == torch.bfloat16 else y
+    ref = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(y32.dtype)).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    ga = torch.autograd.grad((out * w).sum(), [y, norm.weight])
+    gb = torch.autograd.grad((ref * w).sum(), [y, norm.weight])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype != torch.bfloat16 else 2e-2, atol=1e-5)
