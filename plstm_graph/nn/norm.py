@@ -29,7 +29,9 @@ class MultiHeadRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y32 = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-        y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # y * rsqrt(mean(y^2) + eps) over V: torch's rms_norm (one fused kernel on CUDA, forward and backward,
+        # instead of five and ~14 launches; the same formula as a composite on CPU), then the [H, V] scale
+        y32 = nn.functional.rms_norm(y32, (self.head_dim,), eps=self.eps)
         return (y32 * self.weight.to(y32.dtype)).to(y.dtype)
 
 
