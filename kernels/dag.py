@@ -62,6 +62,7 @@ from ._common import next_pow2 as _pow2
 from ._common import HAVE_TRITON as _HAVE_TRITON
 from ._common import available
 from ._common import bind_triton as _bind_triton
+from ._common import fast_launch as _fast_launch
 from ._common import lazy_jit as _lazy_jit
 
 # triton is imported on first use, never at import: the package works without it, and a test that sets
@@ -87,7 +88,12 @@ def _jit(fn, **kw):
     return _lazy_jit(fn, _import_triton(), **kw)
 
 
-# launch offsets change with every level / chunk: never specialise on their values (no recompiles)
+# launch offsets change with every level / chunk: never specialise on their values (no recompiles); launches go
+# through _common.FastLaunch (Triton's argument binding skipped after the first launch of a variant)
+_FWD_FREE = ["e_base", "n_base", "slot_base"]
+_BWD_FREE = ["e_base", "slot_base"]
+
+
 def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
                 e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
                 n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H,
@@ -164,6 +170,32 @@ def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
                 j += 1
             tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
             i += 1
+
+def _direct_bwd_kernel(q, k, v, dy, direct, dq, dk, dv, ddirect, R,
+                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
+    """Direct term of the backward, ``BR`` (node, head) rows per program (``R = N * H`` rows): with
+    ``y_n = d_n (q_n . k_n) v_n``, ``dq = d (dy . v) k``, ``dk = d (dy . v) q``, ``dv = d (q . k) dy`` and
+    ``ddirect = (q . k)(dy . v)``, stored (float32) as the start the edge kernels accumulate on."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    mr = r < R
+    offk = tl.arange(0, BK)
+    offv = tl.arange(0, BV)
+    mk = mr[:, None] & (offk < K)[None, :]
+    mv = mr[:, None] & (offv < V)[None, :]
+    ik = r[:, None] * K + offk[None, :]
+    iv = r[:, None] * V + offv[None, :]
+    qq = tl.load(q + ik, mask=mk, other=0.0).to(tl.float32)
+    kk = tl.load(k + ik, mask=mk, other=0.0).to(tl.float32)
+    vv = tl.load(v + iv, mask=mv, other=0.0).to(tl.float32)
+    gy = tl.load(dy + iv, mask=mv, other=0.0).to(tl.float32)
+    d = tl.load(direct + r, mask=mr, other=0.0).to(tl.float32)
+    qk = tl.sum(qq * kk, axis=1)
+    dyv = tl.sum(gy * vv, axis=1)
+    tl.store(dq + ik, (d * dyv)[:, None] * kk, mask=mk)
+    tl.store(dk + ik, (d * dyv)[:, None] * qq, mask=mk)
+    tl.store(dv + iv, (d * qk)[:, None] * gy, mask=mv)
+    tl.store(ddirect + r, qk * dyv, mask=mr)
+
 
 def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
                 tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, slot_of, H,
@@ -355,7 +387,7 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
     slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
 
     def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes, n_pptr="n_pptr"):
-        _jit(_fwd_kernel, do_not_specialize=["e_base", "n_base", "slot_base"])[grid](
+        _fast_launch(_jit(_fwd_kernel, do_not_specialize=_FWD_FREE), _FWD_FREE)[grid](
             q, k, v, src, trans, mark, direct, y, state, P["tails"],
             P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
             P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
@@ -393,7 +425,7 @@ def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dst
     slots = slot_of if use_slots else P["tails"]
 
     def launch(grid, e_base, slot_base):
-        _jit(_bwd_kernel, do_not_specialize=["e_base", "slot_base"])[grid](
+        _fast_launch(_jit(_bwd_kernel, do_not_specialize=_BWD_FREE), _BWD_FREE)[grid](
             q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
             P["tails"], P["heads"], P["e_items"], P["e_pptr"], e_base, P["out_ptr"], P["out_pos"], P["out_line"],
             slot_base, slots, H, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,
@@ -641,17 +673,18 @@ class _PLSTMDagTriton(torch.autograd.Function):
         E = schedule.num_edges
         plan = _plan(schedule, strategy)
         f32 = dict(dtype=torch.float32, device=q.device)
-        qf, kf, vf, dyf, df = (t.float() for t in (q, k, v, dy, direct))
-        qk = (qf * kf).sum(-1)
-        dyv = (dyf * vf).sum(-1)
-        # direct term in torch (elementwise), the rest accumulates on top in the kernels
-        dq = ((df * dyv)[..., None] * kf).contiguous()
-        dk = ((df * dyv)[..., None] * qf).contiguous()
-        dv = ((df * qk)[..., None] * dyf).contiguous()
-        ddirect = qk * dyv
-        dsrc = torch.zeros(E, H, **f32)
-        dtrans = torch.zeros(schedule.num_line_edges, H, **f32)
-        dmark = torch.zeros(E, H, **f32)
+        # the direct term starts dq, dk, dv (one launch: _direct_bwd_kernel), the edge kernels accumulate on
+        # top; the gate gradients start at zero (one allocation)
+        L = schedule.num_line_edges
+        dq, dk, ddirect = torch.empty(n, H, K, **f32), torch.empty(n, H, K, **f32), torch.empty(n, H, **f32)
+        dv = torch.empty(n, H, V, **f32)
+        if n:
+            bk, bv, _ = _blocks(K, V)
+            rows = 16
+            _fast_launch(_jit(_direct_bwd_kernel, do_not_specialize=["R"]), ["R"])[((n * H + rows - 1) // rows,)](
+                q, k, v, dy, direct, dq, dk, dv, ddirect, n * H, K=K, V=V, BK=bk, BV=bv, BR=rows)
+        zero = torch.zeros((2 * E + L) * H, **f32)
+        dsrc, dtrans, dmark = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H), zero[(E + L) * H:].view(E, H)
         grads = (dq, dk, dv, dsrc, dtrans, dmark)
         if E:
             per_edge = H * K * V * 4
