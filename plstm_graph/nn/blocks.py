@@ -50,9 +50,11 @@ class LocalBondMix(nn.Module):
         torch.Size([3, 4])
     """
 
-    def __init__(self, dim: int, edge_dim: Optional[int] = None):
+    def __init__(self, dim: int, edge_dim: Optional[int] = None, fused: Optional[bool] = None):
         super().__init__()
         self.edge = nn.Linear(edge_dim, dim) if edge_dim else None
+        # residual_add's kernel (plstm_graph.kernels.local_mix): None = on CUDA when triton is installed
+        self.fused = fused
 
     def reset_parameters(self) -> None:
         if self.edge is not None:
@@ -78,6 +80,43 @@ class LocalBondMix(nn.Module):
             msg = msg + torch.cat([e, e])
         msg = nn.functional.gelu(msg)
         return torch.zeros_like(h).index_add(0, dst, msg.to(h.dtype))
+
+    def use_kernel(self, h: torch.Tensor) -> bool:
+        """Whether :meth:`residual_add` runs the fused Triton kernel: ``fused=True``, or ``None`` (default) on
+        CUDA with triton installed; never under ``torch.compile`` or for float64."""
+        if self.fused is False or torch.compiler.is_compiling() or h.dtype == torch.float64:
+            return False
+        from .graph import _gate_kernels_available
+
+        if self.fused is None:
+            return h.is_cuda and _gate_kernels_available()
+        if not _gate_kernels_available():
+            raise RuntimeError("LocalBondMix(fused=True) needs the triton package and a CUDA device (or "
+                               "TRITON_INTERPRET=1 on CPU)")
+        return True
+
+    def residual_add(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
+                     input_edge_ids: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,
+                     both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """``h + self(h, ...)``, with the edge rows of ``edge_attr`` / ``edge_preact`` (``[E_in, .]``) picked by
+        ``input_edge_ids`` (``None``: row ``j`` for edge ``j``). On CUDA one fused Triton kernel each way
+        (:mod:`plstm_graph.kernels.local_mix`, see :meth:`use_kernel`); else the readable form above."""
+        if self.edge is not None and edge_attr is None and edge_preact is None:
+            raise ValueError("LocalBondMix was built with edge_dim; pass edge_attr")
+        if self.use_kernel(h):
+            from ..kernels.local_mix import local_mix_triton
+
+            pre = None
+            if self.edge is not None:
+                pre = edge_preact
+                if pre is None:
+                    ea = edge_attr if edge_attr.dim() > 1 else edge_attr[:, None]
+                    pre = self.edge(ea.to(h.dtype))
+            return local_mix_triton(h, edge_index, pre, input_edge_ids)
+        if input_edge_ids is not None:
+            edge_attr = edge_attr[input_edge_ids] if edge_attr is not None else None
+            edge_preact = edge_preact[input_edge_ids] if edge_preact is not None else None
+        return h + self(h, edge_index, edge_attr, both_directions=both_directions, edge_preact=edge_preact)
 
 
 class PLSTMGraphBlock(nn.Module):
@@ -145,12 +184,9 @@ class PLSTMGraphBlock(nn.Module):
         h = self.norm2(x)
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
-            ea = edge_attr
-            if ea is not None and sched.input_edge_ids is not None:
-                ea = ea[sched.input_edge_ids]
-                edge_preact = edge_preact[sched.input_edge_ids] if edge_preact is not None else None
-            h = h + self.local(h, sched.edge_index, ea, both_directions=sched.both_directions(),
-                               edge_preact=edge_preact)
+            ids = sched.input_edge_ids if edge_attr is not None else None
+            h = self.local.residual_add(h, sched.edge_index, edge_attr, ids, edge_preact,
+                                        both_directions=None if self.local.use_kernel(h) else sched.both_directions())
         return h
 
 
