@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit", "bind_triton", "FastLaunch", "fast_launch"]
+__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit", "bind_triton", "FastLaunch", "jit_kernel"]
 
 
 def triton_installed() -> bool:
@@ -103,16 +103,14 @@ class Tuned:
         return min(timings, key=timings.get)
 
 
-def _spec(arg, free: bool):
-    """What Triton specialises a launch argument on (dtype, 16-byte alignment, ``== 1`` and divisibility by 16
-    of integers unless ``free``), plus the device: launches with equal keys run the same compiled kernel."""
-    if hasattr(arg, "data_ptr"):
-        return (arg.dtype, arg.data_ptr() % 16 == 0, arg.device.index)
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
-        return "i" if free else ("i", arg == 1, arg % 16 == 0)
-    return type(arg)
+
+def _jit_accepts(triton_module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(triton_module.runtime.jit.JITFunction.__init__).parameters
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - an unusual triton build
+        return False
 
 
 class FastLaunch:
@@ -120,29 +118,53 @@ class FastLaunch:
 
     ``JITFunction.run`` binds and specialises every argument in Python on every launch (~100 us of host time per
     launch measured on the H200 host for the ~30-argument gate and DAG kernels, against ~5-10 us of GPU work on
-    a molecule batch; the training step is host-bound). The first launch for a key (constexprs, launch options,
-    and per argument what Triton specialises on, :func:`_spec`) goes through ``JITFunction.run``, which compiles
-    and returns the compiled kernel; later launches with the same key call that kernel's launcher directly.
-    Integer arguments named in ``free`` must be in the kernel's ``do_not_specialize`` (their values never enter
-    the key). Launch hooks (``knobs.runtime.launch_enter_hook``, e.g. proton) are not called on the fast path.
-    Under ``TRITON_INTERPRET=1`` every launch takes the plain path.
+    a molecule batch; the training step is host-bound). The first launch for a key goes through
+    ``JITFunction.run``, which compiles and returns the compiled kernel; later launches with the same key call
+    that kernel's launcher directly. The key holds the constexprs and launch options, the device, and per
+    argument what Triton specialises on: a tensor's dtype and (unless named in ``no_align``) whether it is
+    16-byte aligned, an integer's ``== 1`` and divisibility by 16 (unless named in ``free``), any other value
+    itself. ``free`` / ``no_align`` must match the kernel's ``do_not_specialize`` /
+    ``do_not_specialize_on_alignment`` (:func:`jit_kernel` passes both). Launch hooks
+    (``knobs.runtime.launch_enter_hook``, e.g. proton) are not called on the fast path. Under
+    ``TRITON_INTERPRET=1`` every launch takes the plain path.
 
     Launch as ``FastLaunch(jit_fn, free=("N",))[grid](*args, **constexprs_and_options)``.
     """
 
-    def __init__(self, fn, free=()):
-        self.fn, self.cache = fn, {}
-        names = list(fn.arg_names)
-        self.names = names
-        self.free = {names.index(f) for f in free if f in names}
+    def __init__(self, fn, free=(), no_align=()):
+        import torch
+
+        self.fn, self.cache, self.tensor = fn, {}, torch.Tensor
+        self.names = list(fn.arg_names)
+        self.free = frozenset(self.names.index(f) for f in free if f in self.names)
+        self.no_align = frozenset(self.names.index(f) for f in no_align if f in self.names)
+        try:
+            self.stream = torch._C._cuda_getCurrentRawStream  # what Triton's own driver uses
+        except AttributeError:  # pragma: no cover - older torch
+            self.stream = lambda idx: torch.cuda.current_stream(idx).cuda_stream
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
+    def _key(self, args, kwargs):
+        spec = [tuple(kwargs.items())]
+        tensor, free, no_align = self.tensor, self.free, self.no_align
+        for i, a in enumerate(args):
+            if isinstance(a, tensor):
+                spec.append(a.dtype)
+                if i not in no_align:
+                    spec.append(a.data_ptr() & 15 == 0)
+            elif type(a) is int:  # (Triton's argument type also depends on the range: i32 / i64)
+                spec.append(-0x80000000 <= a < 0x80000000 if i in free else (a == 1, a % 16 == 0, a < 0x80000000))
+            elif type(a) is not float:
+                spec.append(a)
+        return tuple(spec)
+
     def run(self, grid, args, kwargs):
         if os.environ.get("TRITON_INTERPRET") == "1":
             return self.fn[grid](*args, **kwargs)
-        key = tuple(sorted(kwargs.items())) + tuple(_spec(a, i in self.free) for i, a in enumerate(args))
+        device = args[0].device.index
+        key = (device, self._key(args, kwargs))
         kern = self.cache.get(key)
         if kern is None:
             kern = self.fn[grid](*args, **kwargs)
@@ -150,21 +172,30 @@ class FastLaunch:
                 kern = kern.result()
             self.cache[key] = kern
             return kern
-        import torch
-
-        full = list(args) + [kwargs[n] for n in self.names[len(args):]]
+        full = list(args)
+        full += [kwargs[n] for n in self.names[len(args):]]
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-        kern.run(g0, g1, g2, torch.cuda.current_stream(args[0].device).cuda_stream, kern.function,
-                 kern.packed_metadata, None, None, None, *full)
+        kern.run(g0, g1, g2, self.stream(device), kern.function, kern.packed_metadata, None, None, None, *full)
         return kern
 
 
 _FAST = {}
 
 
-def fast_launch(jit_fn, free=()):
-    """A cached :class:`FastLaunch` per jitted function."""
-    fl = _FAST.get(id(jit_fn))
-    if fl is None or fl.fn is not jit_fn:
-        fl = _FAST[id(jit_fn)] = FastLaunch(jit_fn, free)
+def jit_kernel(fn, triton_module, free=(), no_align=()):
+    """``fn`` jitted on first use (:func:`lazy_jit`) with ``do_not_specialize=free`` (integer arguments that
+    change with every batch: no recompiles) and ``do_not_specialize_on_alignment=no_align`` (index arrays that
+    are views into packed batch buffers, whose 16-byte alignment changes with every batch: without this a
+    batch could compile a new variant; dropped on a triton too old to know the option), behind a cached
+    :class:`FastLaunch`."""
+    free, no_align = list(free), list(no_align)
+    kw = {"do_not_specialize": free} if free else {}
+    if no_align and _jit_accepts(triton_module, "do_not_specialize_on_alignment"):
+        kw["do_not_specialize_on_alignment"] = no_align
+    else:
+        no_align = []
+    jf = lazy_jit(fn, triton_module, **kw)
+    fl = _FAST.get(id(jf))
+    if fl is None or fl.fn is not jf:
+        fl = _FAST[id(jf)] = FastLaunch(jf, free, no_align)
     return fl

@@ -62,8 +62,7 @@ from ._common import next_pow2 as _pow2
 from ._common import HAVE_TRITON as _HAVE_TRITON
 from ._common import available
 from ._common import bind_triton as _bind_triton
-from ._common import fast_launch as _fast_launch
-from ._common import lazy_jit as _lazy_jit
+from ._common import jit_kernel as _jit_kernel
 
 # triton is imported on first use, never at import: the package works without it, and a test that sets
 # TRITON_INTERPRET=1 still gets the CPU interpreter when another module imported this one first.
@@ -83,15 +82,18 @@ DEFAULT_CHUNK_BYTES = 1 << 29  # 512 MiB of states per chunk of graphs (recomput
 
 
 
-def _jit(fn, **kw):
-    """``triton.jit(fn)`` on first use (see :func:`._common.lazy_jit`)."""
-    return _lazy_jit(fn, _import_triton(), **kw)
-
-
 # launch offsets change with every level / chunk: never specialise on their values (no recompiles); launches go
 # through _common.FastLaunch (Triton's argument binding skipped after the first launch of a variant)
 _FWD_FREE = ["e_base", "n_base", "slot_base"]
 _BWD_FREE = ["e_base", "slot_base"]
+# index arrays (views into a batch's packed buffer: their alignment changes with the batch)
+_INDEX = ["tails", "heads", "e_items", "e_pptr", "in_ptr", "in_pos", "in_line", "n_items", "n_pptr", "nin_ptr",
+          "nin_pos", "out_ptr", "out_pos", "out_line", "slot_of"]
+
+
+def _kernel(fn, free=()):
+    """``fn`` jitted (counts in ``free`` and the index arrays never specialised) behind a FastLaunch."""
+    return _jit_kernel(fn, _import_triton(), free=free, no_align=_INDEX)
 
 
 def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
@@ -387,7 +389,7 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
     slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
 
     def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes, n_pptr="n_pptr"):
-        _fast_launch(_jit(_fwd_kernel, do_not_specialize=_FWD_FREE), _FWD_FREE)[grid](
+        _kernel(_fwd_kernel, _FWD_FREE)[grid](
             q, k, v, src, trans, mark, direct, y, state, P["tails"],
             P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
             P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
@@ -425,7 +427,7 @@ def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dst
     slots = slot_of if use_slots else P["tails"]
 
     def launch(grid, e_base, slot_base):
-        _fast_launch(_jit(_bwd_kernel, do_not_specialize=_BWD_FREE), _BWD_FREE)[grid](
+        _kernel(_bwd_kernel, _BWD_FREE)[grid](
             q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
             P["tails"], P["heads"], P["e_items"], P["e_pptr"], e_base, P["out_ptr"], P["out_pos"], P["out_line"],
             slot_base, slots, H, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,
@@ -681,7 +683,7 @@ class _PLSTMDagTriton(torch.autograd.Function):
         if n:
             bk, bv, _ = _blocks(K, V)
             rows = 16
-            _fast_launch(_jit(_direct_bwd_kernel, do_not_specialize=["R"]), ["R"])[((n * H + rows - 1) // rows,)](
+            _kernel(_direct_bwd_kernel, ["R"])[((n * H + rows - 1) // rows,)](
                 q, k, v, dy, direct, dq, dk, dv, ddirect, n * H, K=K, V=V, BK=bk, BV=bv, BR=rows)
         zero = torch.zeros((2 * E + L) * H, **f32)
         dsrc, dtrans, dmark = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H), zero[(E + L) * H:].view(E, H)

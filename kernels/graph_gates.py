@@ -39,8 +39,7 @@ import torch
 
 from ._common import available
 from ._common import bind_triton as _bind_triton
-from ._common import fast_launch as _fast_launch
-from ._common import lazy_jit as _lazy_jit
+from ._common import jit_kernel as _jit_kernel
 from ._common import next_pow2 as _pow2
 
 triton = None
@@ -57,18 +56,24 @@ _ROWS = 128  # edges / line edges / nodes per program
 _COUNTS = ["N", "E", "L", "nb_e", "nb_l"]
 
 
+# index arrays: views into a batch's packed buffer (and row 1 of edge_index starts E int64s in), so their
+# 16-byte alignment changes with the batch: never specialised on (else a batch could compile a new variant)
+_INDEX = ["eid", "tail", "head", "la", "lb"]
+
+
 def _jit(fn):
     """The kernel, jitted on first use, behind a :class:`._common.FastLaunch` (no per-launch binding)."""
-    free = [c for c in _COUNTS if c in fn.__code__.co_varnames[: fn.__code__.co_argcount]]
-    return _fast_launch(_lazy_jit(fn, _bind_triton(globals()), do_not_specialize=free), free)
+    return _jit_kernel(fn, _bind_triton(globals()), free=_COUNTS, no_align=_INDEX)
 
 
 def _split16(sizes, dtype, device, zero: bool):
     """One allocation cut into parts of ``sizes`` elements, each starting at a multiple of 16 elements (so every
     part is 16-byte aligned whatever the counts: Triton specialises kernels on pointer alignment)."""
-    padded = [(n + 15) // 16 * 16 for n in sizes]
-    buf = (torch.zeros if zero else torch.empty)(max(1, sum(padded)), dtype=dtype, device=device)
-    return [part[:n] for part, n in zip(buf.split(padded + [buf.numel() - sum(padded)])[:-1], sizes)]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + (n + 15) // 16 * 16)
+    buf = (torch.zeros if zero else torch.empty)(max(1, starts[-1]), dtype=dtype, device=device)
+    return [buf[o: o + n] for o, n in zip(starts, sizes)]
 
 
 def _fwd_kernel(g, g_rs, e, e_rs, eid, b_s, b_m, b_t, b_d, tail, head, la, lb,

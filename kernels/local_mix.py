@@ -26,8 +26,7 @@ import torch
 
 from ._common import available
 from ._common import bind_triton as _bind_triton
-from ._common import fast_launch as _fast_launch
-from ._common import lazy_jit as _lazy_jit
+from ._common import jit_kernel as _jit_kernel
 from ._common import next_pow2 as _pow2
 
 triton = None
@@ -37,10 +36,11 @@ __all__ = ["available", "local_mix_triton"]
 
 _ROWS = 16  # edges per program
 _FREE = ["E"]
+_INDEX = ["eid", "tail", "head"]  # views into the batch's packed buffer: alignment changes per batch
 
 
 def _jit(fn):
-    return _fast_launch(_lazy_jit(fn, _bind_triton(globals()), do_not_specialize=_FREE), _FREE)
+    return _jit_kernel(fn, _bind_triton(globals()), free=_FREE, no_align=_INDEX)
 
 
 def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,

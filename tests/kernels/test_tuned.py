@@ -91,3 +91,51 @@ def test_tuned_says_when_nothing_fits(monkeypatch):
     _plain_bench(monkeypatch)
     with pytest.raises(RuntimeError, match="no launch configuration"):
         Tuned(RaisingKernel(OutOfResources("registers")), [(4, 1), (8, 1)])[(1,)](K=16)
+
+
+class FakeJit:
+    """A stand-in for a ``triton.jit`` function: ``fn[grid](*args, **kw)`` 'compiles' (counted) and returns a
+    compiled kernel whose ``run`` records the direct launches."""
+
+    arg_names = ["x", "idx", "n", "h", "scale", "K"]
+
+    def __init__(self):
+        self.jit_launches = []
+        self.kernel = types.SimpleNamespace(function="fn", packed_metadata="meta", direct=[])
+        self.kernel.run = lambda *a: self.kernel.direct.append(a)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.jit_launches.append((grid, args, kw))
+            return self.kernel
+        return launch
+
+
+def test_fast_launch_runs_the_compiled_kernel_and_keys_on_specialisation(monkeypatch):
+    """FastLaunch: the first launch of a key goes through the JIT function; later ones call the compiled
+    kernel's launcher with every argument (constexprs last) and the raw stream. A free count changing keeps
+    the key; a specialised integer becoming 1, a dtype change or a misaligned tensor in a position that is
+    specialised on alignment make a new key; a misaligned index array (no_align) does not."""
+    from plstm_graph.kernels._common import FastLaunch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fake = FakeJit()
+    fl = FastLaunch(fake, free=("n",), no_align=("idx",))
+    fl.stream = lambda device: 1234
+    x = torch.zeros(8)
+    idx = torch.zeros(8, dtype=torch.long)
+    fl[(3,)](x, idx, 10, 4, 0.5, K=16)
+    assert len(fake.jit_launches) == 1 and not fake.kernel.direct
+    fl[(5, 2)](x, idx, 11, 4, 0.25, K=16)  # another count and float: same key, direct launch
+    assert len(fake.jit_launches) == 1
+    assert fake.kernel.direct[-1] == (5, 2, 1, 1234, "fn", "meta", None, None, None, x, idx, 11, 4, 0.25, 16)
+    fl[(5,)](x, idx[1:], 12, 4, 0.5, K=16)  # misaligned index array: not specialised on, same key
+    assert len(fake.jit_launches) == 1 and len(fake.kernel.direct) == 2
+    fl[(5,)](x[1:], idx, 12, 4, 0.5, K=16)  # misaligned data tensor: a new variant
+    fl[(5,)](x, idx, 12, 1, 0.5, K=16)  # h == 1: Triton specialises it
+    fl[(5,)](x.double(), idx, 12, 4, 0.5, K=16)  # dtype
+    fl[(5,)](x, idx, 12, 4, 0.5, K=32)  # constexpr
+    assert len(fake.jit_launches) == 5
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter always takes the plain path
+    fl[(5,)](x, idx, 12, 4, 0.5, K=16)
+    assert len(fake.jit_launches) == 6
