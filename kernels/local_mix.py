@@ -43,8 +43,22 @@ def _jit(fn):
     return _jit_kernel(fn, _bind_triton(globals()), free=_FREE, no_align=_INDEX)
 
 
+def _act(x, RELU: tl.constexpr):
+    if RELU:
+        return tl.maximum(x, 0.0)
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+def _act_grad(x, RELU: tl.constexpr):
+    if RELU:
+        return tl.where(x > 0.0, 1.0, 0.0)
+    # GELU'(x) = Phi(x) + x phi(x)
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+
 def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
-                BD: tl.constexpr, BR: tl.constexpr, HAS_P: tl.constexpr, HAS_EID: tl.constexpr):
+                BD: tl.constexpr, BR: tl.constexpr, HAS_P: tl.constexpr, HAS_EID: tl.constexpr,
+                RELU: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     mr = r < E
     offd = tl.arange(0, BD)
@@ -61,14 +75,15 @@ def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
         pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
         a = a + pe
         b = b + pe
-    ga = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-    gb = 0.5 * b * (1.0 + tl.math.erf(b * 0.7071067811865476))
+    ga = _act(a, RELU)
+    gb = _act(b, RELU)
     tl.atomic_add(out + w[:, None] * D + offd[None, :], ga, mask=m2)
     tl.atomic_add(out + u[:, None] * D + offd[None, :], gb, mask=m2)
 
 
 def _bwd_kernel(h, p, p_rs, eid, tail, head, dout, dh, dp, E, D,
-                BD: tl.constexpr, BR: tl.constexpr, HAS_P: tl.constexpr, HAS_EID: tl.constexpr):
+                BD: tl.constexpr, BR: tl.constexpr, HAS_P: tl.constexpr, HAS_EID: tl.constexpr,
+                RELU: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     mr = r < E
     offd = tl.arange(0, BD)
@@ -85,9 +100,8 @@ def _bwd_kernel(h, p, p_rs, eid, tail, head, dout, dh, dp, E, D,
         pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
         a = a + pe
         b = b + pe
-    # GELU'(x) = Phi(x) + x phi(x)
-    da = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
-    db = 0.5 * (1.0 + tl.math.erf(b * 0.7071067811865476)) + b * tl.exp(-0.5 * b * b) * 0.3989422804014327
+    da = _act_grad(a, RELU)
+    db = _act_grad(b, RELU)
     ga = tl.where(m2, tl.load(dout + w[:, None] * D + offd[None, :], mask=m2, other=0.0) * da, 0.0)
     gb = tl.where(m2, tl.load(dout + u[:, None] * D + offd[None, :], mask=m2, other=0.0) * db, 0.0)
     tl.atomic_add(dh + u[:, None] * D + offd[None, :], ga, mask=m2)
@@ -98,21 +112,23 @@ def _bwd_kernel(h, p, p_rs, eid, tail, head, dout, dh, dp, E, D,
 
 class _LocalMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, p, tail, head, eid):
+    def forward(ctx, base, h, p, tail, head, eid, relu):
         n, d = h.shape
         ne = tail.numel()
         hc = h.contiguous()
-        out = hc.to(torch.float32, copy=True)  # the residual; messages accumulate on it in fp32
+        # messages accumulate on the base (h itself when None) in fp32
+        out = (hc if base is None else base).to(torch.float32, copy=True)
         has_p = p is not None
         if has_p and p.stride(-1) != 1:
             p = p.contiguous()
         if ne:
             _jit(_fwd_kernel)[((ne + _ROWS - 1) // _ROWS,)](
                 hc, p if has_p else hc, p.stride(0) if has_p else 0, eid if eid is not None else tail, tail, head,
-                out, ne, d, BD=_pow2(d), BR=_ROWS, HAS_P=has_p, HAS_EID=eid is not None)
+                out, ne, d, BD=_pow2(d), BR=_ROWS, HAS_P=has_p, HAS_EID=eid is not None, RELU=relu)
         ctx.save_for_backward(hc, p, tail, head, eid)
-        ctx.has_p, ctx.h_dtype = has_p, h.dtype
-        return out.to(h.dtype)
+        ctx.has_p, ctx.relu, ctx.dtypes = has_p, relu, (h.dtype if base is None else base.dtype, h.dtype)
+        ctx.own_base = base is not None
+        return out.to(ctx.dtypes[0])
 
     @staticmethod
     def backward(ctx, dout):
@@ -120,31 +136,39 @@ class _LocalMix(torch.autograd.Function):
         n, d = h.shape
         ne = tail.numel()
         dout = dout.float().contiguous()
-        dh = dout.clone()
+        # base None: h is the base too, its gradient starts at dout
+        dh = torch.zeros_like(dout) if ctx.own_base else dout.clone()
         dp = torch.zeros(p.size(0), d, dtype=torch.float32, device=h.device) if ctx.has_p else None
         if ne:
             _jit(_bwd_kernel)[((ne + _ROWS - 1) // _ROWS,)](
                 h, p if ctx.has_p else h, p.stride(0) if ctx.has_p else 0, eid if eid is not None else tail, tail,
                 head, dout, dh, dp if ctx.has_p else dh, ne, d, BD=_pow2(d), BR=_ROWS, HAS_P=ctx.has_p,
-                HAS_EID=eid is not None)
-        return dh.to(ctx.h_dtype), (dp.to(p.dtype) if ctx.has_p else None), None, None, None
+                HAS_EID=eid is not None, RELU=ctx.relu)
+        base_dtype, h_dtype = ctx.dtypes
+        dbase = dout.to(base_dtype) if ctx.own_base and ctx.needs_input_grad[0] else None
+        return dbase, dh.to(h_dtype), (dp.to(p.dtype) if ctx.has_p else None), None, None, None, None
 
 
 def local_mix_triton(h: torch.Tensor, edge_index: torch.Tensor, edge_preact: Optional[torch.Tensor] = None,
-                     input_edge_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``h + LocalBondMix(h)``: ``h_n`` plus the GELU messages of its bonded neighbours, both directions of
-    every edge (see the module docstring).
+                     input_edge_ids: Optional[torch.Tensor] = None, base: Optional[torch.Tensor] = None,
+                     activation: str = "gelu") -> torch.Tensor:
+    """``base + LocalBondMix(h)`` (``base`` defaults to ``h``): the activated messages of every node's bonded
+    neighbours, both directions of every edge, added to ``base`` (see the module docstring).
 
-    Shapes: h ``[N, D]``; edge_index ``[2, E]``; edge_preact ``[E_in, D]`` (the block's edge projection, row
-    ``input_edge_ids[j]`` for edge ``j``, row ``j`` when ``input_edge_ids`` is ``None``; a column slice of a
-    wider product is read in place) or ``None``; returns ``[N, D]`` in ``h``'s dtype (sums in float32).
-    Indices must be in range (not checked: a check would sync with the host).
+    Shapes: h, base ``[N, D]``; edge_index ``[2, E]``; edge_preact ``[E_in, D]`` (the block's edge projection,
+    row ``input_edge_ids[j]`` for edge ``j``, row ``j`` when ``input_edge_ids`` is ``None``; a column slice of a
+    wider product is read in place) or ``None``; returns ``[N, D]`` in ``base``'s dtype (sums in float32).
+    ``activation``: ``"gelu"`` (exact, erf) or ``"relu"``. Indices must be in range (not checked: a check
+    would sync with the host).
 
     Example (CPU needs ``TRITON_INTERPRET=1``):
         >>> import torch
         >>> local_mix_triton(torch.zeros(3, 4), torch.tensor([[0, 1], [1, 2]])).shape
         torch.Size([3, 4])
     """
+    if activation not in ("gelu", "relu"):
+        raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
     tail, head = edge_index
-    return _LocalMix.apply(h, edge_preact, tail.contiguous(), head.contiguous(),
-                           input_edge_ids.contiguous() if input_edge_ids is not None else None)
+    return _LocalMix.apply(base, h, edge_preact, tail.contiguous(), head.contiguous(),
+                           input_edge_ids.contiguous() if input_edge_ids is not None else None,
+                           activation == "relu")

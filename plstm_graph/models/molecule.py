@@ -16,7 +16,7 @@ No RDKit and no Lightning here: the input is a PyG batch of :class:`~plstm_graph
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -123,9 +123,12 @@ class MoleculeModel(nn.Module):
         atom_dims, bond_dims: vocabulary sizes (OGB's by default).
         plstm_kwargs: extra :class:`~plstm_graph.nn.PLSTMGraphLayer` arguments (gate initialisation), merged
             over :func:`plstm_molecule_init`; ``plstm`` only.
-        local_mix: ``plstm`` only (default ``True``): every block's MLP also reads the bonded neighbours and
-            bond features (:class:`~plstm_graph.nn.blocks.LocalBondMix`, a GINE-style sum next to the pLSTM
-            layer). ``False`` is the pure pLSTM stack (blocks of a pLSTM layer and a per-node MLP).
+        local_mix: ``plstm`` only (default ``True``): every block's local part next to its pLSTM layer
+            (:func:`~plstm_graph.nn.blocks.local_kind`). ``True``: the block's MLP also reads the bonded
+            neighbours and bond features (:class:`~plstm_graph.nn.blocks.LocalBondMix`, a GELU sum);
+            ``"gine"``: GIN's layer (GINE: ReLU messages with the bond features, ``(1 + eps)`` self term,
+            BatchNorm MLP) is the block's second residual; ``False``: the pure pLSTM stack (blocks of a pLSTM
+            layer and a per-node MLP).
         layer_scale: ``plstm`` only (default ``0.01``): a learned per-channel scale on every pLSTM layer's
             output (LayerScale), initialised to this value, so training starts close to the local model and
             the pLSTM paths grow in; ``None``: no scale (the output enters the residual at full size).
@@ -145,7 +148,7 @@ class MoleculeModel(nn.Module):
     def __init__(self, model: str = "plstm", num_tasks: int = 1, hidden: int = 128, num_layers: int = 4,
                  num_heads: int = 4, dropout: float = 0.0, readout: str = "mean+sum",
                  atom_dims: Sequence[int] = (119, 5, 12, 12, 10, 6, 6, 2, 2), bond_dims: Sequence[int] = (5, 6, 2),
-                 plstm_kwargs: Optional[Dict] = None, local_mix: bool = True,
+                 plstm_kwargs: Optional[Dict] = None, local_mix: Union[bool, str] = True,
                  layer_scale: Optional[float] = 0.01):
         super().__init__()
         if model not in MODELS:

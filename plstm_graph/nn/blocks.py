@@ -8,8 +8,12 @@ local term, :class:`LocalBondMix`): ``h = RMSNorm(x)``, ``x = x + drop(MLP(h + s
 over every edge in both directions. The pLSTM layer carries information along paths (linear in the
 states, gated per edge, with bond features in the gates only); the local term gives each node a non-linear
 sum over its bonded neighbours with the bond features in the message itself, which the layer's values
-(``v = W_v x`` of the source node, the same for every out-edge) do not carry. Used by the molecule model
-(measured on FreeSolv and B3DB, README); off by default here.
+(``v = W_v x`` of the source node, the same for every out-edge) do not carry; off by default here.
+
+With ``local_mix="gine"`` the second residual is GIN's layer instead (Xu et al. 2019 with bond features, Hu
+et al. 2020's GINE, as PyG's ``GINEConv``): ``x = x + drop(ReLU(MLP((1 + eps) x_n + sum_{j ~ n} ReLU(x_j +
+W e_jn))))`` with ``MLP = Linear, BatchNorm1d, ReLU, Linear`` and a learned ``eps`` (from 0), reading the
+residual stream without a norm, as GIN's layers read theirs. Used by the molecule model (README, Results).
 
 ``PLSTMGraphStack``: a list of blocks with a ``pattern`` of (mode, reverse) pairs. The default, for 4
 layers, is ``[("P", False), ("P", True), ("D", False), ("D", True)]``: two P-mode and two D-mode layers,
@@ -25,7 +29,23 @@ from torch import nn
 from ..graph.schedule import DAGSchedule
 from .graph import PLSTMGraphLayer, resolve_schedule
 
-__all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern"]
+__all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern", "local_kind", "LOCAL_KINDS"]
+
+
+LOCAL_KINDS = ("mix", "gine")
+
+
+def local_kind(local_mix: Union[bool, str, None]) -> Optional[str]:
+    """The block's local part from its ``local_mix`` argument: ``True`` / ``"mix"`` -> ``"mix"`` (RMSNorm, then
+    the MLP reads ``h + LocalBondMix(h)``), ``"gine"`` -> ``"gine"`` (GIN's layer as the second residual),
+    ``False`` / ``None`` / ``"off"`` -> ``None`` (a per-node MLP)."""
+    if local_mix is True or local_mix == "mix":
+        return "mix"
+    if local_mix is False or local_mix is None or local_mix == "off":
+        return None
+    if local_mix == "gine":
+        return "gine"
+    raise ValueError(f"local_mix must be True, False, 'mix', 'gine' or 'off', got {local_mix!r}")
 
 
 def default_pattern(num_layers: int) -> List[Tuple[str, bool]]:
@@ -50,8 +70,12 @@ class LocalBondMix(nn.Module):
         torch.Size([3, 4])
     """
 
-    def __init__(self, dim: int, edge_dim: Optional[int] = None, fused: Optional[bool] = None):
+    def __init__(self, dim: int, edge_dim: Optional[int] = None, fused: Optional[bool] = None,
+                 activation: str = "gelu"):
         super().__init__()
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+        self.activation = activation
         self.edge = nn.Linear(edge_dim, dim) if edge_dim else None
         # residual_add's kernel (plstm_graph.kernels.local_mix): None = on CUDA when triton is installed
         self.fused = fused
@@ -78,7 +102,7 @@ class LocalBondMix(nn.Module):
             if e is None:
                 e = self.edge(edge_attr.to(h.dtype) if edge_attr.dim() > 1 else edge_attr[:, None].to(h.dtype))
             msg = msg + torch.cat([e, e])
-        msg = nn.functional.gelu(msg)
+        msg = nn.functional.gelu(msg) if self.activation == "gelu" else nn.functional.relu(msg)
         return torch.zeros_like(h).index_add(0, dst, msg.to(h.dtype))
 
     def use_kernel(self, h: torch.Tensor) -> bool:
@@ -97,10 +121,12 @@ class LocalBondMix(nn.Module):
 
     def residual_add(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
                      input_edge_ids: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,
-                     both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """``h + self(h, ...)``, with the edge rows of ``edge_attr`` / ``edge_preact`` (``[E_in, .]``) picked by
-        ``input_edge_ids`` (``None``: row ``j`` for edge ``j``). On CUDA one fused Triton kernel each way
-        (:mod:`plstm_graph.kernels.local_mix`, see :meth:`use_kernel`); else the readable form above."""
+                     both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                     base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``base + self(h, ...)`` (``base`` defaults to ``h``), with the edge rows of ``edge_attr`` /
+        ``edge_preact`` (``[E_in, .]``) picked by ``input_edge_ids`` (``None``: row ``j`` for edge ``j``). On
+        CUDA one fused Triton kernel each way (:mod:`plstm_graph.kernels.local_mix`, see :meth:`use_kernel`);
+        else the readable form above."""
         if self.edge is not None and edge_attr is None and edge_preact is None:
             raise ValueError("LocalBondMix was built with edge_dim; pass edge_attr")
         if self.use_kernel(h):
@@ -112,18 +138,20 @@ class LocalBondMix(nn.Module):
                 if pre is None:
                     ea = edge_attr if edge_attr.dim() > 1 else edge_attr[:, None]
                     pre = self.edge(ea.to(h.dtype))
-            return local_mix_triton(h, edge_index, pre, input_edge_ids)
+            return local_mix_triton(h, edge_index, pre, input_edge_ids, base=base, activation=self.activation)
         if input_edge_ids is not None:
             edge_attr = edge_attr[input_edge_ids] if edge_attr is not None else None
             edge_preact = edge_preact[input_edge_ids] if edge_preact is not None else None
-        return h + self(h, edge_index, edge_attr, both_directions=both_directions, edge_preact=edge_preact)
+        return (h if base is None else base) + self(h, edge_index, edge_attr, both_directions=both_directions,
+                                                    edge_preact=edge_preact)
 
 
 class PLSTMGraphBlock(nn.Module):
     """Pre-norm residual block: a :class:`PLSTMGraphLayer` then a GELU MLP, each with a residual.
 
-    ``local_mix=True``: the MLP's input also holds :class:`LocalBondMix` of the normalised features (the
-    bonded neighbours and, with ``edge_dim``, the bond features); see the module docstring.
+    ``local_mix=True`` (or ``"mix"``): the MLP's input also holds :class:`LocalBondMix` of the normalised
+    features (the bonded neighbours and, with ``edge_dim``, the bond features); ``local_mix="gine"``: GIN's
+    layer replaces the MLP half (see the module docstring).
     ``layer_scale=s``: the pLSTM layer's output is multiplied by a learned ``[dim]`` vector initialised to
     ``s`` (LayerScale) before the residual; ``None`` (default): no scale.
 
@@ -138,24 +166,36 @@ class PLSTMGraphBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, mode: str = "P", reverse: bool = False, edge_dim: Optional[int] = None,
-        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", local_mix: bool = False,
+        mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", local_mix: Union[bool, str] = False,
         layer_scale: Optional[float] = None, **layer_kwargs,
     ):
         super().__init__()
-        self.local = LocalBondMix(dim, edge_dim) if local_mix else None
+        self.local_kind = local_kind(local_mix)
+        if self.local_kind == "gine":
+            self.local = LocalBondMix(dim, edge_dim, activation="relu")
+            self.gine_eps = nn.Parameter(torch.zeros(1))
+        else:
+            self.local = LocalBondMix(dim, edge_dim) if self.local_kind == "mix" else None
         self.layer_scale_init = layer_scale
         self.layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale is not None else None
         self.norm1 = nn.RMSNorm(dim, eps=1e-5)
         self.layer = PLSTMGraphLayer(dim, num_heads, mode=mode, reverse=reverse, edge_dim=edge_dim,
                                      backend=backend, **layer_kwargs)
-        self.norm2 = nn.RMSNorm(dim, eps=1e-5)
-        hidden = max(1, int(round(dim * mlp_ratio)))
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        if self.local_kind == "gine":  # GIN's layer: MLP Linear, BatchNorm, ReLU, Linear (no pre-norm)
+            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+        else:
+            self.norm2 = nn.RMSNorm(dim, eps=1e-5)
+            hidden = max(1, int(round(dim * mlp_ratio)))
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
     def reset_parameters(self) -> None:
         self.norm1.reset_parameters()
-        self.norm2.reset_parameters()
+        if self.local_kind == "gine":
+            with torch.no_grad():
+                self.gine_eps.zero_()
+        else:
+            self.norm2.reset_parameters()
         self.layer.reset_parameters()
         if self.local is not None:
             self.local.reset_parameters()
@@ -163,7 +203,7 @@ class PLSTMGraphBlock(nn.Module):
             with torch.no_grad():
                 self.layer_scale.fill_(float(self.layer_scale_init))
         for m in self.mlp:
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
                 m.reset_parameters()
 
     def forward(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
@@ -175,18 +215,23 @@ class PLSTMGraphBlock(nn.Module):
         if self.layer_scale is not None:
             y = y * self.layer_scale
         x = x + self.drop(y)
+        if self.local_kind == "gine":
+            return x + self.drop(nn.functional.relu(self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre))))
         return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre)))
 
     def mlp_input(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
                   edge_preact: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """What the MLP reads: ``RMSNorm(x)``, plus :class:`LocalBondMix` of it over the layer's DAG edges with
-        ``local_mix`` (``[N, dim]``; ``edge_preact``: ``local.edge(edge_attr)`` if already made)."""
-        h = self.norm2(x)
+        """What the MLP reads (``[N, dim]``; ``edge_preact``: ``local.edge(edge_attr)`` if already made):
+        ``RMSNorm(x)``, plus :class:`LocalBondMix` of it over the layer's DAG edges with ``local_mix``; with
+        ``local_mix="gine"`` GIN's aggregation of ``x`` itself, ``(1 + eps) x_n + sum_{j ~ n} ReLU(x_j + W e_jn)``."""
+        h = x if self.local_kind == "gine" else self.norm2(x)
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
             ids = sched.input_edge_ids if edge_attr is not None else None
+            base = h * (1 + self.gine_eps) if self.local_kind == "gine" else None
             h = self.local.residual_add(h, sched.edge_index, edge_attr, ids, edge_preact,
-                                        both_directions=None if self.local.use_kernel(h) else sched.both_directions())
+                                        both_directions=None if self.local.use_kernel(h) else sched.both_directions(),
+                                        base=base)
         return h
 
 
@@ -199,7 +244,8 @@ class PLSTMGraphStack(nn.Module):
     Args:
         pattern: list of ``(mode, reverse)``; default :func:`default_pattern` (``num_layers`` is then its
             length; giving both with different lengths is an error).
-        local_mix: every block's MLP also reads its bonded neighbours (:class:`LocalBondMix`).
+        local_mix: every block's local part (:func:`local_kind`): ``True`` / ``"mix"``: the MLP also reads the
+            bonded neighbours (:class:`LocalBondMix`); ``"gine"``: GIN's layer as the second residual.
         layer_scale: initial LayerScale of every pLSTM layer's output (``None``: none).
         layer_kwargs: extra keyword arguments of every :class:`PLSTMGraphLayer` (e.g. gate inits).
 
@@ -221,7 +267,7 @@ class PLSTMGraphStack(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, num_layers: int = 4, pattern: Optional[Sequence[Tuple[str, bool]]] = None,
         edge_dim: Optional[int] = None, mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto",
-        local_mix: bool = False, layer_scale: Optional[float] = None, **layer_kwargs,
+        local_mix: Union[bool, str] = False, layer_scale: Optional[float] = None, **layer_kwargs,
     ):
         super().__init__()
         if pattern is None:

@@ -86,6 +86,17 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _local_mix(text: str):
+    """``--local-mix``: on / off (the GELU local term or none) or gine (GIN's layer as the second residual)."""
+    value = text.strip().lower()
+    if value in ("gine", "mix"):
+        return "gine" if value == "gine" else True
+    try:
+        return _on_off(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected gine, on or off, got {text!r}") from None
+
+
 def _on_off(text: str) -> bool:
     value = text.strip().lower()
     if value in ("on", "true", "yes", "1"):
@@ -124,9 +135,11 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--layers", type=_positive_int, default=4, help="backbone layers (default 4)")
     g.add_argument("--heads", type=_positive_int, default=4, help="pLSTM / GAT heads (default 4)")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="default 0.1")
-    g.add_argument("--local-mix", type=_on_off, default=_DEFAULTS.local_mix, metavar="on|off",
-                   help="pLSTM only: every block's MLP also reads the bonded neighbours and bond types (a GINE-style "
-                        f"local term next to the pLSTM layer; default {'on' if _DEFAULTS.local_mix else 'off'})")
+    g.add_argument("--local-mix", type=_local_mix, default=_DEFAULTS.local_mix, metavar="gine|on|off",
+                   help="pLSTM only: every block's local part next to its pLSTM layer: gine = GIN's layer (bonded "
+                        "neighbours and bond types, BatchNorm MLP) as the block's second residual; on = a GELU sum "
+                        "over the bonded neighbours read by a per-node MLP; off = the per-node MLP alone (default "
+                        f"{_DEFAULTS.local_mix if isinstance(_DEFAULTS.local_mix, str) else ('on' if _DEFAULTS.local_mix else 'off')})")
     g.add_argument("--layer-scale", type=_nonneg_float, default=_DEFAULTS.layer_scale,
                    help="pLSTM only: initial value of the learned per-channel scale on every pLSTM layer's output "
                         f"(LayerScale; 0 = no scale; default {_DEFAULTS.layer_scale})")

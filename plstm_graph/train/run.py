@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class TrainConfig:
     num_heads: int = 4
     dropout: float = 0.1
     readout: str = "mean+sum"
-    local_mix: bool = True
+    local_mix: Union[bool, str] = True  # True: GELU local term, "gine": GIN's layer, False: none
     layer_scale: float = 0.01
     plstm_lr_scale: float = 0.3
     patience: int = 15
@@ -95,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"--plstm-lr-scale must be a positive number, got {self.plstm_lr_scale}")
         if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
             raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
+        if not (isinstance(self.local_mix, bool) or self.local_mix in ("gine", "mix", "off")):
+            raise ValueError(f"--local-mix must be gine, on or off, got {self.local_mix!r}")
         if self.select not in ("best", "last"):
             raise ValueError(f"--select must be best or last, got {self.select!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -129,7 +131,7 @@ def _model_kwargs(cfg: TrainConfig, num_tasks: int) -> Dict:
     kwargs = dict(model=cfg.model, num_tasks=num_tasks, hidden=cfg.hidden, num_layers=cfg.num_layers,
                   num_heads=cfg.num_heads, dropout=cfg.dropout, readout=cfg.readout)
     if cfg.model == "plstm":
-        kwargs["local_mix"] = bool(cfg.local_mix)
+        kwargs["local_mix"] = cfg.local_mix if isinstance(cfg.local_mix, str) else bool(cfg.local_mix)
         kwargs["layer_scale"] = float(cfg.layer_scale) if cfg.layer_scale else None  # 0: no LayerScale
     return kwargs
 

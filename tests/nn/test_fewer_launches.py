@@ -192,3 +192,42 @@ def test_multihead_rmsnorm_equals_formula(dtype):
     gb = torch.autograd.grad((ref * w).sum(), [y, norm.weight])
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5 if dtype != torch.bfloat16 else 2e-2, atol=1e-5)
+
+
+def test_gine_block_equals_pyg_gineconv():
+    """PLSTMGraphBlock(local_mix="gine") is ``x + drop(s * pLSTM(RMSNorm(x)))`` then ``x + drop(ReLU(GINEConv(x)))``
+    with PyG's GINEConv (GIN's MLP, train_eps, edge_dim) over both directions of every bond: same parameters,
+    same output and gradients (in training mode: BatchNorm on batch statistics)."""
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn import GINEConv
+
+    from plstm_graph.graph import attach_schedules
+    from plstm_graph.nn.blocks import PLSTMGraphBlock
+
+    torch.manual_seed(0)
+    graphs = []
+    for seed in range(4):
+        ei = random_dag(8, 0.35, seed)
+        graphs.append(attach_schedules(Data(edge_index=ei, num_nodes=8, edge_attr=torch.randn(ei.size(1), 6))))
+    batch = Batch.from_data_list(graphs)
+    block = PLSTMGraphBlock(6, 2, mode="D", reverse=True, edge_dim=6, local_mix="gine", layer_scale=0.5)
+    with torch.no_grad():
+        block.gine_eps.fill_(0.3)
+    conv = GINEConv(block.mlp, train_eps=True, edge_dim=6)
+    with torch.no_grad():
+        conv.eps.copy_(block.gine_eps)
+        conv.lin.weight.copy_(block.local.edge.weight)
+        conv.lin.bias.copy_(block.local.edge.bias)
+    x = torch.randn(batch.num_nodes, 6, requires_grad=True)
+    ea = batch.edge_attr
+    out = block(x, batch, ea)
+    mid = x + block.layer_scale * block.layer(block.norm1(x), batch, ea)
+    ei2 = torch.cat([batch.edge_index, batch.edge_index.flip(0)], 1)
+    ref = mid + torch.relu(conv(mid, ei2, torch.cat([ea, ea])))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (rx,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-5)
+    assert not hasattr(block, "norm2")
+    with pytest.raises(ValueError, match="local_mix must be"):
+        PLSTMGraphBlock(6, 2, local_mix="gin")
