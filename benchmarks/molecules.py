@@ -53,7 +53,9 @@ def throughput(args) -> None:
         graphs = graphs[: args.max_molecules]
     models = {name: MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads).to(device)
               for name in args.models}
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
+    # AdamW as torch picks its implementation (the training CLI's setting); --fused-adamw: fused, every model
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3, **({"fused": True} if args.fused_adamw else {}))
+            for n, m in models.items()}
     amp = device.type == "cuda"
     times = {n: [] for n in models}
     loaders = {}
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
     a.add_argument("--out", default="runs/bench-molecules")
     t = sub.choices["throughput"]
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--fused-adamw", action="store_true",
+                   help="AdamW(fused=True) for every model (one kernel for all parameters; CUDA or CPU)")
     t.add_argument("--num-workers", type=int, default=0,
                    help="loader workers (persistent) that collate, build the pLSTM schedules and Triton plans and "
                         "pack each batch (plstm_graph.graph.PrepareCollate), for every model; 0: all in the main "

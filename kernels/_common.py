@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit", "bind_triton", "FastLaunch", "jit_kernel"]
+__all__ = ["triton_installed", "next_pow2", "HAVE_TRITON", "available", "lazy_jit", "bind_triton", "FastLaunch",
+           "jit_kernel"]
 
 
 def triton_installed() -> bool:

@@ -686,7 +686,8 @@ class _PLSTMDagTriton(torch.autograd.Function):
             _kernel(_direct_bwd_kernel, ["R"])[((n * H + rows - 1) // rows,)](
                 q, k, v, dy, direct, dq, dk, dv, ddirect, n * H, K=K, V=V, BK=bk, BV=bv, BR=rows)
         zero = torch.zeros((2 * E + L) * H, **f32)
-        dsrc, dtrans, dmark = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H), zero[(E + L) * H:].view(E, H)
+        dsrc, dtrans = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H)
+        dmark = zero[(E + L) * H:].view(E, H)
         grads = (dq, dk, dv, dsrc, dtrans, dmark)
         if E:
             per_edge = H * K * V * 4

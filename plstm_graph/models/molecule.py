@@ -4,7 +4,8 @@ One class, :class:`MoleculeModel`, with the backbone chosen by name:
 
 =============  ===========================================================================================
 ``plstm``      :class:`plstm_graph.nn.PLSTMGraphStack` on the canonically oriented DAG (P/D, both directions),
-               with a local bond term in every block's MLP (``local_mix``) and LayerScale 0.01 on the pLSTM layers
+               with GIN's layer as every block's local part (``local_mix="gine"``), LayerScale 0.01 on the
+               pLSTM layers
 ``gin``        PyG ``BasicGNN`` with ``GINEConv`` (GIN with bond features, as OGB's GIN baseline)
 ``gcn``        ``torch_geometric.nn.models.GCN`` (bond features are not used by GCN convolutions)
 ``gat``        ``torch_geometric.nn.models.GAT`` with ``edge_dim`` (attention sees bond features)
@@ -123,12 +124,12 @@ class MoleculeModel(nn.Module):
         atom_dims, bond_dims: vocabulary sizes (OGB's by default).
         plstm_kwargs: extra :class:`~plstm_graph.nn.PLSTMGraphLayer` arguments (gate initialisation), merged
             over :func:`plstm_molecule_init`; ``plstm`` only.
-        local_mix: ``plstm`` only (default ``True``): every block's local part next to its pLSTM layer
-            (:func:`~plstm_graph.nn.blocks.local_kind`). ``True``: the block's MLP also reads the bonded
-            neighbours and bond features (:class:`~plstm_graph.nn.blocks.LocalBondMix`, a GELU sum);
-            ``"gine"``: GIN's layer (GINE: ReLU messages with the bond features, ``(1 + eps)`` self term,
-            BatchNorm MLP) is the block's second residual; ``False``: the pure pLSTM stack (blocks of a pLSTM
-            layer and a per-node MLP).
+        local_mix: ``plstm`` only (default ``"gine"``): every block's local part next to its pLSTM layer
+            (:func:`~plstm_graph.nn.blocks.local_kind`). ``"gine"``: GIN's layer (GINE: ReLU messages with the
+            bond features, ``(1 + eps)`` self term, BatchNorm MLP) is the block's second residual; ``True``: the
+            block's MLP also reads the bonded neighbours and bond features
+            (:class:`~plstm_graph.nn.blocks.LocalBondMix`, a GELU sum; the default until 2026-11-29);
+            ``False``: the pure pLSTM stack (blocks of a pLSTM layer and a per-node MLP).
         layer_scale: ``plstm`` only (default ``0.01``): a learned per-channel scale on every pLSTM layer's
             output (LayerScale), initialised to this value, so training starts close to the local model and
             the pLSTM paths grow in; ``None``: no scale (the output enters the residual at full size).
@@ -148,7 +149,7 @@ class MoleculeModel(nn.Module):
     def __init__(self, model: str = "plstm", num_tasks: int = 1, hidden: int = 128, num_layers: int = 4,
                  num_heads: int = 4, dropout: float = 0.0, readout: str = "mean+sum",
                  atom_dims: Sequence[int] = (119, 5, 12, 12, 10, 6, 6, 2, 2), bond_dims: Sequence[int] = (5, 6, 2),
-                 plstm_kwargs: Optional[Dict] = None, local_mix: Union[bool, str] = True,
+                 plstm_kwargs: Optional[Dict] = None, local_mix: Union[bool, str] = "gine",
                  layer_scale: Optional[float] = 0.01):
         super().__init__()
         if model not in MODELS:

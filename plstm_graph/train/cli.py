@@ -97,6 +97,10 @@ def _local_mix(text: str):
         raise argparse.ArgumentTypeError(f"expected gine, on or off, got {text!r}") from None
 
 
+def _local_mix_name(value) -> str:
+    return value if isinstance(value, str) else ("on" if value else "off")
+
+
 def _on_off(text: str) -> bool:
     value = text.strip().lower()
     if value in ("on", "true", "yes", "1"):
@@ -139,7 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
                    help="pLSTM only: every block's local part next to its pLSTM layer: gine = GIN's layer (bonded "
                         "neighbours and bond types, BatchNorm MLP) as the block's second residual; on = a GELU sum "
                         "over the bonded neighbours read by a per-node MLP; off = the per-node MLP alone (default "
-                        f"{_DEFAULTS.local_mix if isinstance(_DEFAULTS.local_mix, str) else ('on' if _DEFAULTS.local_mix else 'off')})")
+                        f"{_local_mix_name(_DEFAULTS.local_mix)})")
     g.add_argument("--layer-scale", type=_nonneg_float, default=_DEFAULTS.layer_scale,
                    help="pLSTM only: initial value of the learned per-channel scale on every pLSTM layer's output "
                         f"(LayerScale; 0 = no scale; default {_DEFAULTS.layer_scale})")

@@ -57,7 +57,7 @@ class TrainConfig:
     num_heads: int = 4
     dropout: float = 0.1
     readout: str = "mean+sum"
-    local_mix: Union[bool, str] = True  # True: GELU local term, "gine": GIN's layer, False: none
+    local_mix: Union[bool, str] = "gine"  # "gine": GIN's layer, True: GELU local term, False: none
     layer_scale: float = 0.01
     plstm_lr_scale: float = 0.3
     patience: int = 15

@@ -66,7 +66,8 @@ def _compare(fused, plain, x, schedule, e, rtol=1e-5, atol=1e-6):
             assert (a is None or not a.any()) and (b is None or not b.any()), i
         else:
             assert a.dtype == b.dtype, i
-            torch.testing.assert_close(a.float(), b.float(), rtol=rtol * 10, atol=atol * 10, msg=lambda m: f"grad {i}: {m}")
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol * 10, atol=atol * 10,
+                                       msg=lambda m: f"grad {i}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["P", "D"])

@@ -132,7 +132,7 @@ def test_local_bond_mix_cached_pairs_equal_concatenation():
     assert moved.both_directions()[0].device.type == "meta"  # travels with the schedule
 
 
-@pytest.mark.parametrize("local_mix", [True, False])
+@pytest.mark.parametrize("local_mix", [True, False, "gine"])
 def test_stack_edge_projections_in_one_gemm_equal_per_block(local_mix):
     """PLSTMGraphStack makes every block's edge-feature maps (the layer's gate_edge, LocalBondMix.edge) in one
     GEMM up front; the stack's output and every gradient equal running each block on the raw edge features."""

@@ -104,14 +104,18 @@ def test_local_mix_is_the_plstm_default_and_a_cli_flag():
     from plstm_graph.train.cli import _config
     from plstm_graph.train.run import _model_kwargs
 
-    assert TrainConfig().local_mix is True
-    assert all(b.local is not None for b in MoleculeModel(**KW).backbone.blocks)  # the model's default too
+    assert TrainConfig().local_mix == "gine"
+    # the model's default too: GIN's layer (ReLU messages, BatchNorm MLP) in every block
+    assert all(b.local_kind == "gine" and b.local.activation == "relu" for b in MoleculeModel(**KW).backbone.blocks)
     args = build_parser().parse_args(["train"])
-    assert _config(args, "plstm", 0, "out").local_mix is True
-    for text, value in (("off", False), ("on", True)):
+    assert _config(args, "plstm", 0, "out").local_mix == "gine"
+    for text, value in (("off", False), ("on", True), ("gine", "gine"), ("mix", True)):
         args = build_parser().parse_args(["compare", "--local-mix", text])
         cfg = _config(args, "plstm", 0, "out")
-        assert cfg.local_mix is value and _model_kwargs(cfg, 1)["local_mix"] is value
+        assert cfg.local_mix == value and _model_kwargs(cfg, 1)["local_mix"] == value
+        assert type(_model_kwargs(cfg, 1)["local_mix"]) is type(value)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--local-mix", "gin"])
     assert "local_mix" not in _model_kwargs(dataclasses.replace(cfg, model="gin"), 1)  # pLSTM only
     assert TrainConfig().layer_scale == 0.01 and _model_kwargs(TrainConfig(), 1)["layer_scale"] == 0.01
     args = build_parser().parse_args(["train", "--local-mix", "off", "--layer-scale", "0"])
@@ -151,6 +155,15 @@ def test_local_mix_changes_the_prediction_and_old_checkpoints_still_load(tmp_pat
     old.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(batch), old(batch))
+    # a model.pt of the previous default (GELU local term: local_mix True saved in its kwargs) keeps its blocks
+    model.eval()
+    torch.save({"model_kwargs": dict(KW, local_mix=True, layer_scale=0.01), "state_dict": model.state_dict(),
+                "task": "regression", "targets": ["y"], "target_mean": [0.0], "target_std": [1.0],
+                "featurization": featurization_hash(), "config": {}}, tmp_path / "model.pt")
+    loaded = load_trained(str(tmp_path))
+    assert all(b.local_kind == "mix" for b in loaded.model.backbone.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(batch), model(batch))
 
 
 def test_plstm_lr_scale_is_the_default_a_cli_flag_and_a_second_parameter_group():
