@@ -43,19 +43,6 @@ def _jit(fn):
     return _jit_kernel(fn, _bind_triton(globals()), free=_FREE, no_align=_INDEX)
 
 
-def _act(x, RELU: tl.constexpr):
-    if RELU:
-        return tl.maximum(x, 0.0)
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-def _act_grad(x, RELU: tl.constexpr):
-    if RELU:
-        return tl.where(x > 0.0, 1.0, 0.0)
-    # GELU'(x) = Phi(x) + x phi(x)
-    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-
-
 def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
                 BD: tl.constexpr, BR: tl.constexpr, HAS_P: tl.constexpr, HAS_EID: tl.constexpr,
                 RELU: tl.constexpr):
@@ -75,8 +62,12 @@ def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
         pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
         a = a + pe
         b = b + pe
-    ga = _act(a, RELU)
-    gb = _act(b, RELU)
+    if RELU:
+        ga = tl.maximum(a, 0.0)
+        gb = tl.maximum(b, 0.0)
+    else:  # exact (erf) GELU
+        ga = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        gb = 0.5 * b * (1.0 + tl.math.erf(b * 0.7071067811865476))
     tl.atomic_add(out + w[:, None] * D + offd[None, :], ga, mask=m2)
     tl.atomic_add(out + u[:, None] * D + offd[None, :], gb, mask=m2)
 
@@ -100,8 +91,12 @@ def _bwd_kernel(h, p, p_rs, eid, tail, head, dout, dh, dp, E, D,
         pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
         a = a + pe
         b = b + pe
-    da = _act_grad(a, RELU)
-    db = _act_grad(b, RELU)
+    if RELU:
+        da = tl.where(a > 0.0, 1.0, 0.0)
+        db = tl.where(b > 0.0, 1.0, 0.0)
+    else:  # GELU'(x) = Phi(x) + x phi(x)
+        da = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+        db = 0.5 * (1.0 + tl.math.erf(b * 0.7071067811865476)) + b * tl.exp(-0.5 * b * b) * 0.3989422804014327
     ga = tl.where(m2, tl.load(dout + w[:, None] * D + offd[None, :], mask=m2, other=0.0) * da, 0.0)
     gb = tl.where(m2, tl.load(dout + u[:, None] * D + offd[None, :], mask=m2, other=0.0) * db, 0.0)
     tl.atomic_add(dh + u[:, None] * D + offd[None, :], ga, mask=m2)
