@@ -40,6 +40,7 @@ import torch
 from ._common import available
 from ._common import bind_triton as _bind_triton
 from ._common import jit_kernel as _jit_kernel
+from ._common import lazy_jit as _lazy_jit
 from ._common import next_pow2 as _pow2
 
 triton = None
@@ -61,9 +62,40 @@ _COUNTS = ["N", "E", "L", "nb_e", "nb_l"]
 _INDEX = ["eid", "tail", "head", "la", "lb"]
 
 
+_HELPERS = ("_edge_rows", "_unnormalize_grad")
+
+
+def _bind_helpers():
+    """Bind the device helpers, jitted for the current interpreter mode, as module globals (the kernels resolve
+    them when they compile); returns triton."""
+    tr = _bind_triton(globals())
+    for name in _HELPERS:
+        globals()[name] = _lazy_jit(globals()[name + "_py"], tr)
+    return tr
+
+
 def _jit(fn):
     """The kernel, jitted on first use, behind a :class:`._common.FastLaunch` (no per-launch binding)."""
-    return _jit_kernel(fn, _bind_triton(globals()), free=_COUNTS, no_align=_INDEX)
+    return _jit_kernel(fn, _bind_helpers(), free=_COUNTS, no_align=_INDEX)
+
+
+def _edge_rows_py(eid, r, mr, HAS_EID: tl.constexpr):
+    """Rows of the edge pre-activations for schedule edges ``r``: ``eid[r]``, or ``r`` itself."""
+    er = r
+    if HAS_EID:
+        er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
+    return er
+
+
+def _unnormalize_grad_py(out, dout, tot_ptr, red_ptr, gidx, m2):
+    """Backward through the P rule ``out = raw / max(1, tot)``, ``tot = sum_group |raw|``, ``red = sum_group
+    dout * out``: returns ``(raw, d raw)`` with ``d raw = (dout - [tot >= 1] sgn(raw) red) / max(1, tot)``."""
+    tot = tl.load(tot_ptr + gidx, mask=m2, other=0.0)
+    den = tl.maximum(tot, 1.0)
+    raw = out * den
+    sgn = tl.where(raw > 0.0, 1.0, tl.where(raw < 0.0, -1.0, 0.0))
+    red = tl.load(red_ptr + gidx, mask=m2, other=0.0)
+    return raw, (dout - tl.where(tot >= 1.0, sgn * red, 0.0)) / den
 
 
 def _split16(sizes, dtype, device, zero: bool):
@@ -101,10 +133,7 @@ def _fwd_kernel(g, g_rs, e, e_rs, eid, b_s, b_m, b_t, b_d, tail, head, la, lb,
         m = tl.load(gw + 2, mask=m2, other=0.0).to(tl.float32) + tl.load(gu + 3, mask=m2, other=0.0).to(tl.float32)
         m = m + tl.load(b_m + offh, mask=mh, other=0.0)[None, :]
         if HAS_E:
-            if HAS_EID:
-                er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
-            else:
-                er = r
+            er = _edge_rows(eid, r, mr, HAS_EID)
             ep = e + er[:, None] * e_rs + offh[None, :] * 4
             s = s + tl.load(ep, mask=m2, other=0.0).to(tl.float32)
             m = m + tl.load(ep + 1, mask=m2, other=0.0).to(tl.float32)
@@ -128,12 +157,8 @@ def _fwd_kernel(g, g_rs, e, e_rs, eid, b_s, b_m, b_t, b_d, tail, head, la, lb,
         t = t + tl.load(g + w[:, None] * g_rs + offh[None, :] * 8 + 6, mask=m2, other=0.0).to(tl.float32)
         t = t + tl.load(b_t + offh, mask=mh, other=0.0)[None, :]
         if HAS_E:
-            if HAS_EID:
-                ra = tl.load(eid + a, mask=mr, other=0).to(tl.int64)
-                rb = tl.load(eid + b, mask=mr, other=0).to(tl.int64)
-            else:
-                ra = a
-                rb = b
+            ra = _edge_rows(eid, a, mr, HAS_EID)
+            rb = _edge_rows(eid, b, mr, HAS_EID)
             t = t + tl.load(e + ra[:, None] * e_rs + offh[None, :] * 4 + 2, mask=m2, other=0.0).to(tl.float32)
             t = t + tl.load(e + rb[:, None] * e_rs + offh[None, :] * 4 + 3, mask=m2, other=0.0).to(tl.float32)
         tt = 2.0 * tl.sigmoid(2.0 * scale * t) - 1.0  # tanh(scale * t)
@@ -217,14 +242,8 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         idx = r[:, None] * H + offh[None, :]
         out = tl.load(src + idx, mask=m2, other=0.0)
         dout = tl.load(dsrc + idx, mask=m2, other=0.0).to(tl.float32)
-        if NORM:
-            gidx = u[:, None] * H + offh[None, :]
-            tot = tl.load(ntot + gidx, mask=m2, other=0.0)
-            den = tl.maximum(tot, 1.0)
-            sg = out * den  # the raw sigmoid
-            sgn = tl.where(sg > 0.0, 1.0, tl.where(sg < 0.0, -1.0, 0.0))
-            red = tl.load(nred + gidx, mask=m2, other=0.0)
-            dsg = (dout - tl.where(tot >= 1.0, sgn * red, 0.0)) / den
+        if NORM:  # sg: the raw sigmoid
+            sg, dsg = _unnormalize_grad(out, dout, ntot, nred, u[:, None] * H + offh[None, :], m2)
         else:
             sg = out
             dsg = dout
@@ -238,10 +257,7 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         tl.atomic_add(gw + 2, dm, mask=m2)
         tl.atomic_add(gu + 3, dm, mask=m2)
         if HAS_E:
-            if HAS_EID:
-                er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
-            else:
-                er = r
+            er = _edge_rows(eid, r, mr, HAS_EID)
             ep = de + er[:, None] * (H * 4) + offh[None, :] * 4
             tl.atomic_add(ep, ds, mask=m2)
             tl.atomic_add(ep + 1, dm, mask=m2)
@@ -259,14 +275,8 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         idx = r[:, None] * H + offh[None, :]
         out = tl.load(trans + idx, mask=m2, other=0.0)
         dout = tl.load(dtrans + idx, mask=m2, other=0.0).to(tl.float32)
-        if NORM:
-            gidx = a[:, None] * H + offh[None, :]
-            tot = tl.load(etot + gidx, mask=m2, other=0.0)
-            den = tl.maximum(tot, 1.0)
-            tt = out * den  # the raw tanh
-            sgn = tl.where(tt > 0.0, 1.0, tl.where(tt < 0.0, -1.0, 0.0))
-            red = tl.load(ered + gidx, mask=m2, other=0.0)
-            dtt = (dout - tl.where(tot >= 1.0, sgn * red, 0.0)) / den
+        if NORM:  # tt: the raw tanh
+            tt, dtt = _unnormalize_grad(out, dout, etot, ered, a[:, None] * H + offh[None, :], m2)
         else:
             tt = out
             dtt = dout
@@ -275,12 +285,8 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         tl.atomic_add(dg + u[:, None] * (H * 8) + offh[None, :] * 8 + 5, dt, mask=m2)
         tl.atomic_add(dg + w[:, None] * (H * 8) + offh[None, :] * 8 + 6, dt, mask=m2)
         if HAS_E:
-            if HAS_EID:
-                ra = tl.load(eid + a, mask=mr, other=0).to(tl.int64)
-                rb = tl.load(eid + b, mask=mr, other=0).to(tl.int64)
-            else:
-                ra = a
-                rb = b
+            ra = _edge_rows(eid, a, mr, HAS_EID)
+            rb = _edge_rows(eid, b, mr, HAS_EID)
             tl.atomic_add(de + ra[:, None] * (H * 4) + offh[None, :] * 4 + 2, dt, mask=m2)
             tl.atomic_add(de + rb[:, None] * (H * 4) + offh[None, :] * 4 + 3, dt, mask=m2)
         tl.atomic_add(db + 2 * H + offh, tl.sum(dt, axis=0), mask=mh)

@@ -27,6 +27,7 @@ import torch
 from ._common import available
 from ._common import bind_triton as _bind_triton
 from ._common import jit_kernel as _jit_kernel
+from ._common import lazy_jit as _lazy_jit
 from ._common import next_pow2 as _pow2
 
 triton = None
@@ -39,8 +40,33 @@ _FREE = ["E"]
 _INDEX = ["eid", "tail", "head"]  # views into the batch's packed buffer: alignment changes per batch
 
 
+def _bind_helpers():
+    """Bind ``_endpoints`` (jitted for the current interpreter mode) as a module global; returns triton."""
+    tr = _bind_triton(globals())
+    globals()["_endpoints"] = _lazy_jit(_endpoints_py, tr)
+    return tr
+
+
 def _jit(fn):
-    return _jit_kernel(fn, _bind_triton(globals()), free=_FREE, no_align=_INDEX)
+    return _jit_kernel(fn, _bind_helpers(), free=_FREE, no_align=_INDEX)
+
+
+def _endpoints_py(h, p, p_rs, eid, tail, head, r, mr, offd, m2, D,
+                  HAS_P: tl.constexpr, HAS_EID: tl.constexpr):
+    """For edges ``r`` (``j = u -> w``): ``u``, ``w``, the pre-activations of the messages ``u -> w`` (``a = h_u
+    + p_j``) and ``w -> u`` (``b = h_w + p_j``) in float32, and the rows ``er`` of ``p``."""
+    u = tl.load(tail + r, mask=mr, other=0).to(tl.int64)
+    w = tl.load(head + r, mask=mr, other=0).to(tl.int64)
+    a = tl.load(h + u[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)
+    b = tl.load(h + w[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)
+    er = r
+    if HAS_P:
+        if HAS_EID:
+            er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
+        pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
+        a = a + pe
+        b = b + pe
+    return u, w, a, b, er
 
 
 def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
@@ -50,18 +76,7 @@ def _fwd_kernel(h, p, p_rs, eid, tail, head, out, E, D,
     mr = r < E
     offd = tl.arange(0, BD)
     m2 = mr[:, None] & (offd < D)[None, :]
-    u = tl.load(tail + r, mask=mr, other=0).to(tl.int64)
-    w = tl.load(head + r, mask=mr, other=0).to(tl.int64)
-    a = tl.load(h + u[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)  # message u -> w
-    b = tl.load(h + w[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)  # message w -> u
-    if HAS_P:
-        if HAS_EID:
-            er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
-        else:
-            er = r
-        pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = a + pe
-        b = b + pe
+    u, w, a, b, er = _endpoints(h, p, p_rs, eid, tail, head, r, mr, offd, m2, D, HAS_P, HAS_EID)
     if RELU:
         ga = tl.maximum(a, 0.0)
         gb = tl.maximum(b, 0.0)
@@ -79,18 +94,7 @@ def _bwd_kernel(h, p, p_rs, eid, tail, head, dout, dh, dp, E, D,
     mr = r < E
     offd = tl.arange(0, BD)
     m2 = mr[:, None] & (offd < D)[None, :]
-    u = tl.load(tail + r, mask=mr, other=0).to(tl.int64)
-    w = tl.load(head + r, mask=mr, other=0).to(tl.int64)
-    a = tl.load(h + u[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)
-    b = tl.load(h + w[:, None] * D + offd[None, :], mask=m2, other=0.0).to(tl.float32)
-    if HAS_P:
-        if HAS_EID:
-            er = tl.load(eid + r, mask=mr, other=0).to(tl.int64)
-        else:
-            er = r
-        pe = tl.load(p + er[:, None] * p_rs + offd[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = a + pe
-        b = b + pe
+    u, w, a, b, er = _endpoints(h, p, p_rs, eid, tail, head, r, mr, offd, m2, D, HAS_P, HAS_EID)
     if RELU:
         da = tl.where(a > 0.0, 1.0, 0.0)
         db = tl.where(b > 0.0, 1.0, 0.0)

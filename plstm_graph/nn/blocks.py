@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..graph.schedule import DAGSchedule
-from .graph import PLSTMGraphLayer, resolve_schedule
+from .graph import PLSTMGraphLayer, resolve_schedule, use_fused_kernel
 
 __all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern", "local_kind", "LOCAL_KINDS"]
 
@@ -108,16 +108,7 @@ class LocalBondMix(nn.Module):
     def use_kernel(self, h: torch.Tensor) -> bool:
         """Whether :meth:`residual_add` runs the fused Triton kernel: ``fused=True``, or ``None`` (default) on
         CUDA with triton installed; never under ``torch.compile`` or for float64."""
-        if self.fused is False or torch.compiler.is_compiling() or h.dtype == torch.float64:
-            return False
-        from .graph import _gate_kernels_available
-
-        if self.fused is None:
-            return h.is_cuda and _gate_kernels_available()
-        if not _gate_kernels_available():
-            raise RuntimeError("LocalBondMix(fused=True) needs the triton package and a CUDA device (or "
-                               "TRITON_INTERPRET=1 on CPU)")
-        return True
+        return use_fused_kernel(self.fused, h, "LocalBondMix(fused=True)")
 
     def residual_add(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
                      input_edge_ids: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,

@@ -73,6 +73,21 @@ def _gate_kernels_available() -> bool:
     return _GATE_KERNELS[0]
 
 
+def use_fused_kernel(flag: Optional[bool], t: torch.Tensor, what: str) -> bool:
+    """Whether a module with a fused-kernel switch ``flag`` runs its Triton kernel on ``t``: ``False`` never;
+    ``None`` (auto) on CUDA when triton is installed; ``True`` always (on CPU only under ``TRITON_INTERPRET=1``,
+    else a clear error naming ``what``). Never under ``torch.compile`` or for dtypes other than float32,
+    bfloat16 and float16 (float64 takes the readable form)."""
+    if flag is False or torch.compiler.is_compiling() or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if flag is None:
+        return t.is_cuda and _gate_kernels_available()
+    if not _gate_kernels_available():
+        raise RuntimeError(f"{what} needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                           "pip install 'plstm-graph[triton]' or leave it at None")
+    return True
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision to float32; keep float32 / float64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -297,16 +312,7 @@ class PLSTMGraphLayer(nn.Module):
 
     def _fused_gates(self, node_preact: torch.Tensor) -> bool:
         """Whether :meth:`_gates` takes the fused Triton kernels (see ``fused_gates`` in the class docstring)."""
-        if self.fused_gates is False or torch.compiler.is_compiling():
-            return False
-        if node_preact.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False
-        if self.fused_gates is None:
-            return node_preact.is_cuda and _gate_kernels_available()
-        if not _gate_kernels_available():
-            raise RuntimeError("fused_gates=True needs the triton package and a CUDA device (or TRITON_INTERPRET=1 "
-                               "on CPU); pip install 'plstm-graph[triton]' or pass fused_gates=None")
-        return True
+        return use_fused_kernel(self.fused_gates, node_preact, "fused_gates=True")
 
     def _gates(self, x: torch.Tensor, schedule: DAGSchedule, edge_attr,
                node_preact: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None) -> GraphGates:

@@ -43,6 +43,8 @@ def _compile(module, name, types, constexprs):
     from triton.runtime.jit import JITFunction
 
     module.triton, module.tl = triton, tl  # the kernel bodies resolve tl in their module
+    if hasattr(module, "_bind_helpers"):  # jitted device helpers the kernels call
+        module._bind_helpers()
     fn = getattr(module, name)
     names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
     sig = {n: ("constexpr" if n in constexprs else types[n]) for n in names}

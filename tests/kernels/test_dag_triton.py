@@ -12,17 +12,10 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton", reason="triton is not installed (pip install 'plstm-graph[triton]')")
+from ._triton_setup import DEVICE  # noqa: E402,I001  (first: sets TRITON_INTERPRET, skips without triton)
 
 from plstm_graph import compile_dag, dag_backends, plstm_dag  # noqa: E402
 from plstm_graph.kernels import dag as kdag  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-    pytest.skip("TRITON_INTERPRET was set to something else than 1 before this module", allow_module_level=True)
 
 
 def _hostile_parts():

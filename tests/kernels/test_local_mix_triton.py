@@ -4,24 +4,16 @@ an oriented schedule (``input_edge_ids``) and an edge projection that is a colum
 
 Runs on CPU through the Triton interpreter (``TRITON_INTERPRET=1``), or on CUDA when a GPU is present.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton", reason="triton is not installed (pip install 'plstm-graph[triton]')")
+from ._triton_setup import DEVICE  # noqa: E402,I001  (first: sets TRITON_INTERPRET, skips without triton)
 
 from plstm_graph import compile_dag  # noqa: E402
 from plstm_graph.nn.blocks import LocalBondMix  # noqa: E402
 
 from ..conftest import hostile_dags, random_dag  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-    pytest.skip("TRITON_INTERPRET was set to something else than 1 before this module", allow_module_level=True)
 
 
 def _run(mix, fused, h, schedule, edge_attr, ids, edge_preact=None):
