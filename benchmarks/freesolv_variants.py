@@ -40,7 +40,10 @@ The LayerScale ``s`` of these blocks is in the pLSTM learning-rate group, as the
 
 ``--dataset b3db`` screens on B3DB classification instead, with the CLI's current defaults and the README's B3DB
 budget (``plstm-graph compare --dataset b3db --models plstm --seeds 3 --epochs 12 --warmup-epochs 1 --split
-scaffold``; ``base`` reproduces it); it prints ROC-AUC instead of RMSE.
+scaffold``; ``base`` reproduces it); it prints ROC-AUC instead of RMSE. ``--seed-list`` runs the given seeds
+only, e.g. one seed per process:
+
+    OMP_NUM_THREADS=1 python benchmarks/freesolv_variants.py gine --dataset b3db --seed-list 2 --out runs/b3-gine-s2
 """
 from __future__ import annotations
 
