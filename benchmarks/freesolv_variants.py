@@ -3,13 +3,16 @@
 Each variant patches :class:`~plstm_graph.models.MoleculeModel`, :class:`~plstm_graph.nn.PLSTMGraphBlock` or the
 optimiser for this process only, then runs :func:`~plstm_graph.train.compare.compare_models` with the CLI's
 defaults at the time of the screen (FreeSolv, scaffold split, 40 epochs, lr 3e-3, seeds 0-4, one learning rate:
-``plstm_lr_scale=1``): ``base`` reproduces ``plstm-graph compare --dataset freesolv --models plstm --seeds 5
---epochs 40 --lr 3e-3 --plstm-lr-scale 1`` to the last digit, and ``plr0.3`` the current defaults.
+``plstm_lr_scale=1``, and the GELU local term, ``local_mix=True``, the default until 2026-11-29, which the
+variants below patch): ``base`` reproduces ``plstm-graph compare --dataset freesolv --models plstm --seeds 5
+--epochs 40 --lr 3e-3 --plstm-lr-scale 1 --local-mix on`` to the last digit, and ``plr0.3`` the defaults of
+that time. The ``gine`` variant's block became the default (``--local-mix gine``; the library's own
+implementation, tested equal to the ``GINEConv`` form here, draws its initial weights in another order).
 Prints one JSON line: mean and std (over seeds) of validation and test RMSE, and the per-seed values.
 
     OMP_NUM_THREADS=1 python benchmarks/freesolv_variants.py VARIANT --out runs/fs5-VARIANT
 
-Variants (the pLSTM molecule model's defaults otherwise: local bond term, LayerScale 0.01, spread gate init):
+Variants (the pLSTM molecule model with the GELU local term otherwise: LayerScale 0.01, spread gate init):
 
 * ``base``: the defaults.
 * ``bidir``: every block runs half its heads on the block's DAG direction and half on the reversed DAG (each
@@ -210,13 +213,15 @@ def main() -> None:
     args = p.parse_args()
     patch(args.variant)
     if args.dataset == "b3db":
-        cfg, metric, seeds = TrainConfig(dataset="b3db", epochs=12, warmup_epochs=1, progress=False), "roc_auc", 3
+        cfg, metric, seeds = TrainConfig(dataset="b3db", epochs=12, warmup_epochs=1, progress=False,
+                                          local_mix=True), "roc_auc", 3
         if args.variant.startswith("plr"):
             cfg.plstm_lr_scale = float(args.variant[len("plr"):])
     else:
         # plrX: the pLSTM branch at lr x X, which is what --plstm-lr-scale X does (it came out of this screen)
         lr_scale = float(args.variant[len("plr"):]) if args.variant.startswith("plr") else 1.0
-        cfg = TrainConfig(dataset="freesolv", epochs=40, lr=3e-3, plstm_lr_scale=lr_scale, progress=False)
+        cfg = TrainConfig(dataset="freesolv", epochs=40, lr=3e-3, plstm_lr_scale=lr_scale, progress=False,
+                          local_mix=True)
         metric, seeds = "rmse", 5
     if args.plstm_lr_scale is not None:
         cfg.plstm_lr_scale = args.plstm_lr_scale
