@@ -59,7 +59,9 @@ class LocalBondMix(nn.Module):
     """Sum over bonded neighbours, both directions of every DAG edge: ``m_n = sum_{j ~ n} GELU(h_j + W e_jn)``.
 
     A GINE-style message (Hu et al. 2020's GIN with edge features) without its MLP; the block's MLP reads
-    ``h + m``. ``edge_dim=None``: messages ``GELU(h_j)`` (no edge features).
+    ``h + m``. ``edge_dim=None``: messages ``GELU(h_j)`` (no edge features). ``activation="relu"``: ReLU
+    messages (GIN's; the ``local_mix="gine"`` blocks). ``fused``: :meth:`residual_add` runs the Triton kernel
+    of :mod:`plstm_graph.kernels.local_mix` (``None``: on CUDA; see :meth:`use_kernel`).
 
     Shapes: h ``[N, dim]``, edge_index ``[2, E]``, edge_attr ``[E, edge_dim]`` or ``None`` -> ``[N, dim]``.
 
