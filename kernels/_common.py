@@ -183,20 +183,24 @@ class FastLaunch:
 _FAST = {}
 
 
-def jit_kernel(fn, triton_module, free=(), no_align=()):
-    """``fn`` jitted on first use (:func:`lazy_jit`) with ``do_not_specialize=free`` (integer arguments that
-    change with every batch: no recompiles) and ``do_not_specialize_on_alignment=no_align`` (index arrays that
-    are views into packed batch buffers, whose 16-byte alignment changes with every batch: without this a
-    batch could compile a new variant; dropped on a triton too old to know the option), behind a cached
-    :class:`FastLaunch`."""
-    free, no_align = list(free), list(no_align)
-    kw = {"do_not_specialize": free} if free else {}
-    if no_align and _jit_accepts(triton_module, "do_not_specialize_on_alignment"):
-        kw["do_not_specialize_on_alignment"] = no_align
-    else:
-        no_align = []
-    jf = lazy_jit(fn, triton_module, **kw)
-    fl = _FAST.get(id(jf))
-    if fl is None or fl.fn is not jf:
-        fl = _FAST[id(jf)] = FastLaunch(jf, free, no_align)
+def jit_kernel(fn, bind, free=(), no_align=()):
+    """``fn`` jitted on first use behind a cached :class:`FastLaunch`, one per function and interpreter mode.
+
+    ``bind()`` imports triton, binds whatever the kernel body needs as module globals (``tl``, jitted device
+    helpers) and returns the triton module; it runs only when the kernel is built, not on every launch.
+    ``do_not_specialize=free`` (integer arguments that change with every batch: no recompiles) and
+    ``do_not_specialize_on_alignment=no_align`` (index arrays that are views into packed batch buffers, whose
+    16-byte alignment changes with every batch: without this a batch could compile a new variant; dropped on a
+    triton too old to know the option)."""
+    key = (fn.__module__, fn.__qualname__, os.environ.get("TRITON_INTERPRET") == "1")
+    fl = _FAST.get(key)
+    if fl is None:
+        triton_module = bind()
+        free, no_align = list(free), list(no_align)
+        kw = {"do_not_specialize": free} if free else {}
+        if no_align and _jit_accepts(triton_module, "do_not_specialize_on_alignment"):
+            kw["do_not_specialize_on_alignment"] = no_align
+        else:
+            no_align = []
+        fl = _FAST[key] = FastLaunch(lazy_jit(fn, triton_module, **kw), free, no_align)
     return fl

@@ -93,7 +93,7 @@ _INDEX = ["tails", "heads", "e_items", "e_pptr", "in_ptr", "in_pos", "in_line", 
 
 def _kernel(fn, free=()):
     """``fn`` jitted (counts in ``free`` and the index arrays never specialised) behind a FastLaunch."""
-    return _jit_kernel(fn, _import_triton(), free=free, no_align=_INDEX)
+    return _jit_kernel(fn, _import_triton, free=free, no_align=_INDEX)
 
 
 def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,

@@ -76,7 +76,7 @@ def _bind_helpers():
 
 def _jit(fn):
     """The kernel, jitted on first use, behind a :class:`._common.FastLaunch` (no per-launch binding)."""
-    return _jit_kernel(fn, _bind_helpers(), free=_COUNTS, no_align=_INDEX)
+    return _jit_kernel(fn, _bind_helpers, free=_COUNTS, no_align=_INDEX)
 
 
 def _edge_rows_py(eid, r, mr, HAS_EID: tl.constexpr):

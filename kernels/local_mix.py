@@ -48,7 +48,7 @@ def _bind_helpers():
 
 
 def _jit(fn):
-    return _jit_kernel(fn, _bind_helpers(), free=_FREE, no_align=_INDEX)
+    return _jit_kernel(fn, _bind_helpers, free=_FREE, no_align=_INDEX)
 
 
 def _endpoints_py(h, p, p_rs, eid, tail, head, r, mr, offd, m2, D,

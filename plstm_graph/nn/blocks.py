@@ -223,8 +223,7 @@ class PLSTMGraphBlock(nn.Module):
             ids = sched.input_edge_ids if edge_attr is not None else None
             base = h * (1 + self.gine_eps) if self.local_kind == "gine" else None
             h = self.local.residual_add(h, sched.edge_index, edge_attr, ids, edge_preact,
-                                        both_directions=None if self.local.use_kernel(h) else sched.both_directions(),
-                                        base=base)
+                                        both_directions=sched.both_directions(), base=base)
         return h
 
 
