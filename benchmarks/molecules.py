@@ -9,6 +9,8 @@
     python benchmarks/molecules.py throughput --dataset b3db --device cuda --batch-size 128
     # collation, pLSTM schedules / Triton plans and packing in 2 loader workers (both models), as the CLI on a GPU
     python benchmarks/molecules.py throughput --dataset freesolv --device cuda --num-workers 2
+    # A/B of plstm_dag backends in one run: "plstm@BACKEND" runs every pLSTM layer on that backend
+    python benchmarks/molecules.py throughput --dataset freesolv --device cpu --models plstm plstm@parallel gin
 
 ``accuracy`` is ``plstm-graph compare`` with the given budget; it prints the markdown table and writes
 ``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN.
@@ -51,17 +53,22 @@ def throughput(args) -> None:
     graphs = build_graphs(load_dataset(args.dataset), progress=False, warn=False).graphs
     if args.max_molecules:
         graphs = graphs[: args.max_molecules]
-    models = {name: MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads).to(device)
-              for name in args.models}
+    models = {}
+    for name in args.models:  # "plstm@BACKEND": every pLSTM layer on that plstm_dag backend (A/B in one run)
+        base, _, backend = name.partition("@")
+        models[name] = MoleculeModel(base, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads).to(device)
+        for m in models[name].modules():
+            if backend and hasattr(m, "backend"):
+                m.backend = backend
     # AdamW as torch picks its implementation (the training CLI's setting); --fused-adamw: fused, every model
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3, **({"fused": True} if args.fused_adamw else {}))
             for n, m in models.items()}
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and args.precision == "bf16"
     times = {n: [] for n in models}
     loaders = {}
     if args.num_workers:  # one persistent loader per model; its workers prepare and pack every batch
         for name, model in models.items():
-            collate = PrepareCollate(graphs, keys=model if name == "plstm" else (), device=device)
+            collate = PrepareCollate(graphs, keys=model if name.startswith("plstm") else (), device=device)
             loaders[name] = torch.utils.data.DataLoader(
                 graphs, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate,
                 pin_memory=device.type == "cuda", persistent_workers=True)
@@ -74,7 +81,7 @@ def throughput(args) -> None:
             for b in loader:
                 # pLSTM: schedules and Triton plans built on the CPU batch and moved with it (no host syncs)
                 # (from the workers: a packed batch, copied and unpacked by prepare_batch, for either model)
-                b = (prepare_batch(b, device, keys=model) if name == "plstm" or args.num_workers
+                b = (prepare_batch(b, device, keys=model) if name.startswith("plstm") or args.num_workers
                      else b.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(b)
@@ -125,6 +132,8 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for every model (one kernel for all parameters; CUDA or CPU)")
+    t.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="CUDA only: bf16 autocast (default, as the training CLI) or float32 for every model")
     t.add_argument("--num-workers", type=int, default=0,
                    help="loader workers (persistent) that collate, build the pLSTM schedules and Triton plans and "
                         "pack each batch (plstm_graph.graph.PrepareCollate), for every model; 0: all in the main "

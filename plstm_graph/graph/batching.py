@@ -253,15 +253,30 @@ def _pack_to(tensors: Sequence[torch.Tensor], device: torch.device, pin: bool) -
     return [views[g][p].view(shape) for g, p, shape in slots]
 
 
-def _build_schedules(batch: DAGData, needed, triton_plans: bool) -> Dict[Tuple[str, bool], DAGSchedule]:
+def _wants_paths(device: torch.device, backends: Set[str]) -> Optional[str]:
+    """Which path tables of the ``paths`` backend the step on ``device`` will read: ``"auto"`` (CPU, a layer
+    on backend ``"auto"``: the tables of schedules under its path budget), ``"all"`` (a layer on ``"paths"``),
+    or ``None``."""
+    if "paths" in backends:
+        return "all"
+    return "auto" if device.type == "cpu" and "auto" in backends else None
+
+
+def _build_schedules(batch: DAGData, needed, triton_plans: bool,
+                     paths: Optional[str] = None) -> Dict[Tuple[str, bool], DAGSchedule]:
     """The ``needed`` ``(mode, reverse)`` schedules of a CPU ``batch`` (cached in it), each with its
-    two-direction edge list (the blocks' local bond term reads it) and, with ``triton_plans``, its Triton plan:
-    everything the step needs, built on the host (by :func:`prepare_batch`, or in a DataLoader worker by
-    :class:`~plstm_graph.graph.collate.PrepareCollate`)."""
+    two-direction edge list (the blocks' local bond term reads it), with ``triton_plans`` its Triton plan, and
+    with ``paths`` (:func:`_wants_paths`) the path tables of the ``paths`` backend: everything the step needs,
+    built on the host (by :func:`prepare_batch`, or in a DataLoader worker by
+    :class:`~plstm_graph.graph.collate.PrepareCollate`), never inside ``forward``."""
+    from ..ops.dag.paths import auto_takes_paths, path_tables
+
     scheds: Dict[Tuple[str, bool], DAGSchedule] = {}
     for mode, rev in needed:
         scheds[(mode, rev)] = s = batch.schedule(mode, rev)
         s.both_directions()
+        if paths == "all" or (paths == "auto" and auto_takes_paths(s)):
+            path_tables(s)
     if triton_plans and scheds:
         from ..kernels import dag as _kdag
 
@@ -319,7 +334,7 @@ def prepare_batch(batch, device, keys: ScheduleKeys = None, *, triton_plans: Opt
     needed, backends = schedule_requirements(keys, batch)
     if triton_plans is None:
         triton_plans = _wants_triton_plans(device, backends)
-    scheds = _build_schedules(batch, needed, triton_plans)
+    scheds = _build_schedules(batch, needed, triton_plans, _wants_paths(device, backends))
     if device == batch.edge_index.device:
         return batch
     return _move_prepared(batch, scheds, device, pack)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .batching import (ScheduleKeys, _build_schedules, _group_views, _pack_host, _wants_triton_plans,
+from .batching import (ScheduleKeys, _build_schedules, _group_views, _pack_host, _wants_paths, _wants_triton_plans,
                        schedule_requirements)
 
 __all__ = ["PackedBatch", "PrepareCollate"]
@@ -181,8 +181,10 @@ class PrepareCollate:
         if triton_plans is None:
             triton_plans = self.needed != [] and _wants_triton_plans(torch.device(device), backends)
         self.triton_plans = bool(triton_plans)
+        self.paths = _wants_paths(torch.device(device), backends) if self.needed != [] else None
 
     def __call__(self, data_list) -> PackedBatch:
         batch = self.collater(data_list)
         needed = self.needed if self.needed is not None else schedule_requirements(None, batch)[0]
-        return PackedBatch.pack(batch, list(_build_schedules(batch, needed, self.triton_plans).values()))
+        scheds = _build_schedules(batch, needed, self.triton_plans, self.paths)
+        return PackedBatch.pack(batch, list(scheds.values()))

@@ -146,6 +146,35 @@ def test_prepare_batch_cpu_builds_schedules_once():
     assert prepare_batch(gin, "cpu") is gin  # not a DAGData: plain .to
 
 
+def test_path_tables_built_for_the_cpu_step_only(monkeypatch):
+    """The CPU step of a molecule model runs the ``paths`` backend: its tables come with the prepared batch,
+    never built inside ``forward``; for a CUDA target (the triton backend) they are not built at all."""
+    from plstm_graph.graph.batching import _build_schedules
+    from plstm_graph.ops import dag as dag_ops
+
+    model = MoleculeModel("plstm", hidden=16, num_layers=4)
+    batch = prepare_batch(_batch(), "cpu", keys=model)
+    tables = {k: batch.schedule(*k).cache["paths"] for k in KEYS}
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1])
+        return plstm_dag_paths(*args)
+    plstm_dag_paths = dag_ops.plstm_dag_paths
+    monkeypatch.setattr(dag_ops, "plstm_dag_paths", spy)
+    model(batch)
+    assert len(calls) == len(KEYS)  # every layer ran on the paths backend ...
+    assert all(batch.schedule(*k).cache["paths"] is tables[k] for k in KEYS)  # ... with the prepared tables
+    # a CUDA target (the host side needs no GPU): no path tables
+    from plstm_graph.graph.batching import _wants_paths
+
+    assert _wants_paths(torch.device("cuda"), {"auto"}) is None and _wants_paths(torch.device("cpu"), {"auto"}) == "auto"
+    assert _wants_paths(torch.device("cuda"), {"paths"}) == "all"
+    other = _batch()
+    _build_schedules(other, KEYS, triton_plans=False, paths=None)
+    assert not any("paths" in other.schedule(*k).cache for k in KEYS)
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_training_step_identical_with_prepared_batch(backend, monkeypatch):
     if backend == "triton":

@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from plstm_graph import compile_dag, dag_backends, plstm_dag
+from plstm_graph.ops.dag import paths as dag_paths
 from plstm_graph.ops.dag.parallel import gating_matrices
+from plstm_graph.ops.dag.paths import count_paths, path_tables
 
 from ..conftest import hostile_dags, random_dag
 
@@ -65,7 +67,7 @@ def test_random_dags_property(n, p, seed, mode, heads, dk, dv):
         assert_close_all(run(backend, x, s), ref)
 
 
-@pytest.mark.parametrize("backend", ["levels", "parallel"])
+@pytest.mark.parametrize("backend", ["levels", "parallel", "paths"])
 def test_gradcheck_float64(backend):
     s = compile_dag(torch.tensor([[0, 0, 1, 2, 3, 3, 4, 5], [1, 2, 3, 3, 4, 5, 6, 6]]), 7, "P")
     x = [t.requires_grad_() for t in make_inputs(s, heads=2, dk=3, dv=2)]
@@ -162,6 +164,74 @@ def test_gating_matrix_is_path_sum():
     assert g[3, 0].item() == pytest.approx(2 * 0.5 * 17 + 3 * 0.25 * 19)
     assert g[1, 0].item() == pytest.approx(2 * 11) and g[3, 1].item() == pytest.approx(5 * 17)
     assert g[0, 3].item() == 0.0
+
+
+def _diamond_chain(k):
+    """``k`` diamonds in a row: node 3i -> {3i+1, 3i+2} -> 3i+3; 2**k paths from the first node to the last."""
+    ei = []
+    for i in range(k):
+        a = 3 * i
+        ei += [(a, a + 1), (a, a + 2), (a + 1, a + 3), (a + 2, a + 3)]
+    return torch.tensor(ei).T, 3 * k + 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 14), p=st.floats(0.0, 0.7), seed=st.integers(0, 10_000), mode=st.sampled_from("PD"))
+def test_path_count_matches_enumeration(n, p, seed, mode):
+    s = compile_dag(random_dag(n, p, seed), n, mode)
+    tables = path_tables(s)
+    assert count_paths(s) == tables["factors"].shape[0]
+    # brute force: every path, by depth-first search over the line graph
+    out = {}
+    for a, b in s.line_index.T.tolist():
+        out.setdefault(a, []).append(b)
+
+    def walk(e):
+        return 1 + sum(walk(b) for b in out.get(e, []))
+    assert count_paths(s) == sum(walk(e) for e in range(s.num_edges))
+    # every row ends with a mark, and only the constant 1 pads it
+    one = 2 * s.num_edges + s.num_line_edges
+    for row in tables["factors"].tolist():
+        body = [i for i in row if i != one]
+        assert body[0] < s.num_edges and s.num_edges + s.num_line_edges <= body[-1] < one
+        assert row[len(body):] == [one] * (len(row) - len(body))
+
+
+def test_path_weights_of_a_diamond():
+    # 0 -> {1, 2} -> 3, P-mode: y_3 reads node 0 through two paths, each source * transition * mark
+    s = compile_dag(torch.tensor([[0, 0, 1, 2], [1, 2, 3, 3]]), 4, "P")
+    src = torch.tensor([[2.0], [3.0], [5.0], [7.0]], dtype=torch.float64)
+    tr = torch.tensor([[0.5], [0.25]], dtype=torch.float64)  # line edges (0, 2) and (1, 3)
+    mk = torch.tensor([[11.0], [13.0], [17.0], [19.0]], dtype=torch.float64)
+    q = k = torch.zeros(4, 1, 1, dtype=torch.float64)
+    q[3], k[0] = 1.0, 1.0  # only the pair (3, 0) scores
+    v = torch.arange(1.0, 5.0, dtype=torch.float64).view(4, 1, 1)
+    y = plstm_dag(q, k, v, src, tr, mk, torch.zeros(4, 1, dtype=torch.float64), s, backend="paths")
+    assert y[3].item() == pytest.approx((2 * 0.5 * 17 + 3 * 0.25 * 19) * 1.0)
+    assert y[:3].abs().sum().item() == 0.0
+
+
+def test_auto_takes_paths_only_under_the_budget(monkeypatch):
+    from plstm_graph.ops import dag as dag_ops
+
+    few = compile_dag(random_dag(12, 0.3, 1), 12, "P")
+    many = compile_dag(*_diamond_chain(12), "P")  # 2**12 paths from end to end alone
+    assert dag_ops._auto_backend(torch.zeros(1), few) == "paths"
+    assert count_paths(many) > dag_ops.AUTO_PATHS_PER_EDGE * many.num_edges + 4096
+    assert dag_ops._auto_backend(torch.zeros(1), many) == "parallel"
+    assert "paths" not in many.cache  # over the budget: counted, never enumerated
+    x = make_inputs(many, heads=1, dk=2, dv=2)
+    assert_close_all(run("auto", x, many), run("levels", x, many))
+    # an explicit backend="paths" enumerates up to MAX_PATHS, then says what to use instead
+    monkeypatch.setattr(dag_paths, "MAX_PATHS", 1000)
+    with pytest.raises(ValueError, match="backend='levels'"):
+        plstm_dag(*x, many, backend="paths")
+
+
+def test_paths_on_a_dag_without_edges():
+    s = compile_dag(torch.zeros(2, 0, dtype=torch.long), 3, "P")
+    x = make_inputs(s)
+    assert_close_all(run("paths", x, s), run("reference", x, s))
 
 
 def test_bad_inputs_are_clear_errors():

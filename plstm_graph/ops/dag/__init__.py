@@ -5,9 +5,12 @@ Backends (``backend=``):
 * ``"reference"``: :mod:`.reference`, one edge at a time; the oracle of the tests.
 * ``"levels"``: :mod:`.levels`, one batched step per topological level, hand-written backward.
 * ``"parallel"``: :mod:`.parallel`, dense per-graph path-sum matrices; for small graphs.
+* ``"paths"``: :mod:`.paths`, one gate product per line-graph path; for graphs with few paths (molecules).
 * ``"triton"``: GPU kernels from :mod:`plstm_graph.kernels` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-* ``"auto"`` (default): ``"triton"`` on CUDA when available; else ``"parallel"`` when every graph of the
-  batch has at most ``AUTO_PARALLEL_MAX_NODES`` nodes (molecules); else ``"levels"``.
+* ``"auto"`` (default): ``"triton"`` on CUDA when available; on the CPU ``"paths"`` when the DAG has at most
+  ``AUTO_PATHS_PER_EDGE * E + 4096`` line-graph paths (counted once per schedule, without enumerating them);
+  else ``"parallel"`` when every graph of the batch has at most ``AUTO_PARALLEL_MAX_NODES`` nodes; else
+  ``"levels"``.
 """
 from __future__ import annotations
 
@@ -19,17 +22,21 @@ import torch
 from ...graph.schedule import DAGSchedule
 from .levels import plstm_dag_levels
 from .parallel import plstm_dag_parallel
+from .paths import AUTO_PATHS_PER_EDGE, auto_takes_paths, plstm_dag_paths
 from .reference import plstm_dag_reference
 
-__all__ = ["plstm_dag", "dag_backends", "plstm_dag_reference", "plstm_dag_levels", "plstm_dag_parallel"]
+__all__ = ["plstm_dag", "dag_backends", "plstm_dag_reference", "plstm_dag_levels", "plstm_dag_parallel",
+           "plstm_dag_paths"]
 
-_BACKENDS = ("reference", "levels", "parallel", "triton")
+_BACKENDS = ("reference", "levels", "parallel", "paths", "triton")
 AUTO_PARALLEL_MAX_NODES = 128
 
 
 def _auto_backend(q: torch.Tensor, schedule: DAGSchedule) -> str:
     if q.is_cuda and _triton_dag_available():
         return "triton"
+    if not q.is_cuda and auto_takes_paths(schedule):
+        return "paths"
     sizes = schedule.cache.get("graph_sizes_max")
     if sizes is None:
         counts = torch.bincount(schedule.graph_id, minlength=1) if schedule.num_nodes else torch.zeros(1)
@@ -47,8 +54,8 @@ def _triton_dag_available() -> bool:
 
 
 def dag_backends() -> List[str]:
-    """Backends of :func:`plstm_dag` usable on this machine, e.g. ``['reference', 'levels', 'parallel']``."""
-    out = ["reference", "levels", "parallel"]
+    """Backends of :func:`plstm_dag` usable here, e.g. ``['reference', 'levels', 'parallel', 'paths']``."""
+    out = ["reference", "levels", "parallel", "paths"]
     if _triton_dag_available():
         out.append("triton")
     return out
@@ -112,8 +119,8 @@ def plstm_dag(
     Args:
         schedule: from :func:`plstm_graph.compile_dag` (or ``DAGData.schedule`` for a PyG batch), on the
             same device as the inputs.
-        backend: ``"auto"`` (default), ``"levels"``, ``"parallel"``, ``"reference"`` or ``"triton"``; see
-            :func:`dag_backends` and the module docstring for what ``"auto"`` picks.
+        backend: ``"auto"`` (default), ``"levels"``, ``"parallel"``, ``"paths"``, ``"reference"`` or
+            ``"triton"``; see :func:`dag_backends` and the module docstring for what ``"auto"`` picks.
         recompute: ``levels`` / ``triton``: store no edge states for backward and recompute them instead.
 
     Example:
@@ -148,6 +155,8 @@ def plstm_dag(
     with torch.autocast(device_type=q.device.type, enabled=False):  # states stay in float32 under autocast
         if backend == "levels":
             y = plstm_dag_levels(*args, schedule, recompute=recompute)
+        elif backend == "paths":
+            y = plstm_dag_paths(*args, schedule)
         else:
             y = plstm_dag_parallel(*args, schedule)
     return y.to(out_dtype)
