@@ -166,7 +166,7 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32 on CPU)")
     g.add_argument("--num-workers", type=_nonneg_int, default=None,
                    help="data loader workers; they also build the pLSTM schedules and Triton plans and pack each "
-                        "batch for one copy to the device (default: 2 when training on a GPU, 0 on CPU)")
+                        "batch for one copy to the device (default: 4 when training on a GPU, 0 on CPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
