@@ -9,8 +9,10 @@
     python benchmarks/molecules.py throughput --dataset b3db --device cuda --batch-size 128
     # collation, pLSTM schedules / Triton plans and packing in 2 loader workers (both models), as the CLI on a GPU
     python benchmarks/molecules.py throughput --dataset freesolv --device cuda --num-workers 2
-    # A/B of plstm_dag backends in one run: "plstm@BACKEND" runs every pLSTM layer on that backend
-    python benchmarks/molecules.py throughput --dataset freesolv --device cpu --models plstm plstm@parallel gin
+    # A/B of variants in one run: NAME[key=value,...] (local_mix / layer_scale: the model; other keys: every
+    # pLSTM layer, e.g. backend, autocast)
+    python benchmarks/molecules.py throughput --dataset freesolv --device cpu --models plstm "plstm[backend=parallel]" gin
+    python benchmarks/molecules.py throughput --dataset freesolv --device cuda --models plstm "plstm[autocast=True]" gin
 
 ``accuracy`` is ``plstm-graph compare`` with the given budget; it prints the markdown table and writes
 ``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN.
@@ -41,25 +43,41 @@ def accuracy(args) -> None:
           f"hidden {args.hidden}, {args.layers} layers; {time.time() - t0:.0f} s total; written to {args.out}")
 
 
+def _build(spec: str, args):
+    """A model from a name with optional settings, ``NAME[key=value,...]`` (A/B of variants in one run):
+    ``local_mix`` and ``layer_scale`` go to :class:`MoleculeModel`, every other key to each pLSTM layer
+    (``plstm_kwargs``: ``backend``, ``autocast``, ``fused_gates``, gate inits). E.g. ``plstm[backend=parallel]``,
+    ``plstm[autocast=True]``, ``plstm[local_mix=gin]``."""
+    import ast
+
+    from plstm_graph.models.molecule import MoleculeModel
+
+    name, _, rest = spec.partition("[")
+    model_kw, layer_kw = {}, {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        (model_kw if key in ("local_mix", "layer_scale") else layer_kw)[key.strip()] = value
+    if layer_kw:
+        model_kw["plstm_kwargs"] = layer_kw
+    return MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads, **model_kw)
+
+
 def throughput(args) -> None:
     import torch
     from torch_geometric.loader import DataLoader
 
     from plstm_graph.datasets.molecules import build_graphs, load_dataset
     from plstm_graph.graph import PrepareCollate, prepare_batch
-    from plstm_graph.models.molecule import MoleculeModel
 
     device = torch.device(args.device)
     graphs = build_graphs(load_dataset(args.dataset), progress=False, warn=False).graphs
     if args.max_molecules:
         graphs = graphs[: args.max_molecules]
-    models = {}
-    for name in args.models:  # "plstm@BACKEND": every pLSTM layer on that plstm_dag backend (A/B in one run)
-        base, _, backend = name.partition("@")
-        models[name] = MoleculeModel(base, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads).to(device)
-        for m in models[name].modules():
-            if backend and hasattr(m, "backend"):
-                m.backend = backend
+    models = {name: _build(name, args).to(device) for name in args.models}
     # AdamW as torch picks its implementation (the training CLI's setting); --fused-adamw: fused, every model
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3, **({"fused": True} if args.fused_adamw else {}))
             for n, m in models.items()}

@@ -15,6 +15,12 @@ et al. 2020's GINE, as PyG's ``GINEConv``): ``x = x + drop(ReLU(MLP((1 + eps) x_
 W e_jn))))`` with ``MLP = Linear, BatchNorm1d, ReLU, Linear`` and a learned ``eps`` (from 0), reading the
 residual stream without a norm, as GIN's layers read theirs. Used by the molecule model (README, Results).
 
+With ``local_mix="gin"`` the block is GIN's layer itself, without a residual around it, and the pLSTM branch adds
+to its input: ``x = x + drop(s * layer(RMSNorm(x)))``, ``x = drop(ReLU(GINE(x)))`` (the last block of a stack
+returns ``GINE(x)``, no activation or dropout, and the stack has no final norm), so with the LayerScale ``s`` at
+zero a stack is exactly PyG's ``GIN`` with ``GINEConv`` layers (as the ``gin`` baseline: ``BasicGNN``), and the
+pLSTM paths enter every layer's input from there.
+
 ``PLSTMGraphStack``: a list of blocks with a ``pattern`` of (mode, reverse) pairs. The default, for 4
 layers, is ``[("P", False), ("P", True), ("D", False), ("D", True)]``: two P-mode and two D-mode layers,
 forward and reversed DAG each, as the paper does for molecules, so information flows both ways.
@@ -32,20 +38,21 @@ from .graph import PLSTMGraphLayer, resolve_schedule, use_fused_kernel
 __all__ = ["PLSTMGraphBlock", "PLSTMGraphStack", "LocalBondMix", "default_pattern", "local_kind", "LOCAL_KINDS"]
 
 
-LOCAL_KINDS = ("mix", "gine")
+LOCAL_KINDS = ("mix", "gine", "gin")
 
 
 def local_kind(local_mix: Union[bool, str, None]) -> Optional[str]:
     """The block's local part from its ``local_mix`` argument: ``True`` / ``"mix"`` -> ``"mix"`` (RMSNorm, then
     the MLP reads ``h + LocalBondMix(h)``), ``"gine"`` -> ``"gine"`` (GIN's layer as the second residual),
+    ``"gin"`` -> ``"gin"`` (GIN's layer without a residual, the pLSTM branch adding to its input),
     ``False`` / ``None`` / ``"off"`` -> ``None`` (a per-node MLP)."""
     if local_mix is True or local_mix == "mix":
         return "mix"
     if local_mix is False or local_mix is None or local_mix == "off":
         return None
-    if local_mix == "gine":
-        return "gine"
-    raise ValueError(f"local_mix must be True, False, 'mix', 'gine' or 'off', got {local_mix!r}")
+    if local_mix in ("gine", "gin"):
+        return local_mix
+    raise ValueError(f"local_mix must be True, False, 'mix', 'gine', 'gin' or 'off', got {local_mix!r}")
 
 
 def default_pattern(num_layers: int) -> List[Tuple[str, bool]]:
@@ -144,7 +151,8 @@ class PLSTMGraphBlock(nn.Module):
 
     ``local_mix=True`` (or ``"mix"``): the MLP's input also holds :class:`LocalBondMix` of the normalised
     features (the bonded neighbours and, with ``edge_dim``, the bond features); ``local_mix="gine"``: GIN's
-    layer replaces the MLP half (see the module docstring).
+    layer replaces the MLP half; ``local_mix="gin"``: GIN's layer without a residual (see the module docstring;
+    ``last=True``: no activation or dropout after it, as GIN's last layer, set by :class:`PLSTMGraphStack`).
     ``layer_scale=s``: the pLSTM layer's output is multiplied by a learned ``[dim]`` vector initialised to
     ``s`` (LayerScale) before the residual; ``None`` (default): no scale.
 
@@ -160,11 +168,13 @@ class PLSTMGraphBlock(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, mode: str = "P", reverse: bool = False, edge_dim: Optional[int] = None,
         mlp_ratio: float = 2.0, dropout: float = 0.0, backend: str = "auto", local_mix: Union[bool, str] = False,
-        layer_scale: Optional[float] = None, **layer_kwargs,
+        layer_scale: Optional[float] = None, last: bool = False, **layer_kwargs,
     ):
         super().__init__()
         self.local_kind = local_kind(local_mix)
-        if self.local_kind == "gine":
+        self.last = bool(last)
+        gin_like = self.local_kind in ("gine", "gin")
+        if gin_like:
             self.local = LocalBondMix(dim, edge_dim, activation="relu")
             self.gine_eps = nn.Parameter(torch.zeros(1))
         else:
@@ -174,7 +184,7 @@ class PLSTMGraphBlock(nn.Module):
         self.norm1 = nn.RMSNorm(dim, eps=1e-5)
         self.layer = PLSTMGraphLayer(dim, num_heads, mode=mode, reverse=reverse, edge_dim=edge_dim,
                                      backend=backend, **layer_kwargs)
-        if self.local_kind == "gine":  # GIN's layer: MLP Linear, BatchNorm, ReLU, Linear (no pre-norm)
+        if gin_like:  # GIN's layer: MLP Linear, BatchNorm, ReLU, Linear (no pre-norm)
             self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
         else:
             self.norm2 = nn.RMSNorm(dim, eps=1e-5)
@@ -184,7 +194,7 @@ class PLSTMGraphBlock(nn.Module):
 
     def reset_parameters(self) -> None:
         self.norm1.reset_parameters()
-        if self.local_kind == "gine":
+        if self.local_kind in ("gine", "gin"):
             with torch.no_grad():
                 self.gine_eps.zero_()
         else:
@@ -208,6 +218,9 @@ class PLSTMGraphBlock(nn.Module):
         if self.layer_scale is not None:
             y = y * self.layer_scale
         x = x + self.drop(y)
+        if self.local_kind == "gin":  # GIN's layer, no residual; the last one without activation and dropout
+            h = self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre))
+            return h if self.last else self.drop(nn.functional.relu(h))
         if self.local_kind == "gine":
             return x + self.drop(nn.functional.relu(self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre))))
         return x + self.drop(self.mlp(self.mlp_input(x, schedule, edge_attr, local_pre)))
@@ -216,12 +229,14 @@ class PLSTMGraphBlock(nn.Module):
                   edge_preact: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the MLP reads (``[N, dim]``; ``edge_preact``: ``local.edge(edge_attr)`` if already made):
         ``RMSNorm(x)``, plus :class:`LocalBondMix` of it over the layer's DAG edges with ``local_mix``; with
-        ``local_mix="gine"`` GIN's aggregation of ``x`` itself, ``(1 + eps) x_n + sum_{j ~ n} ReLU(x_j + W e_jn)``."""
-        h = x if self.local_kind == "gine" else self.norm2(x)
+        ``local_mix="gine"`` / ``"gin"`` GIN's aggregation of ``x`` itself, ``(1 + eps) x_n + sum_{j ~ n} ReLU(x_j
+        + W e_jn)``."""
+        gin_like = self.local_kind in ("gine", "gin")
+        h = x if gin_like else self.norm2(x)
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
             ids = sched.input_edge_ids if edge_attr is not None else None
-            base = h * (1 + self.gine_eps) if self.local_kind == "gine" else None
+            base = h * (1 + self.gine_eps) if gin_like else None
             h = self.local.residual_add(h, sched.edge_index, edge_attr, ids, edge_preact,
                                         both_directions=sched.both_directions(), base=base)
         return h
@@ -231,13 +246,15 @@ Schedules = Union[DAGSchedule, Sequence[DAGSchedule], Dict[Tuple[str, bool], DAG
 
 
 class PLSTMGraphStack(nn.Module):
-    """A stack of :class:`PLSTMGraphBlock` following a (mode, reverse) ``pattern``, plus a final RMSNorm.
+    """A stack of :class:`PLSTMGraphBlock` following a (mode, reverse) ``pattern``, plus a final RMSNorm (none with
+    ``local_mix="gin"``, whose last block ends as GIN's last layer does).
 
     Args:
         pattern: list of ``(mode, reverse)``; default :func:`default_pattern` (``num_layers`` is then its
             length; giving both with different lengths is an error).
         local_mix: every block's local part (:func:`local_kind`): ``True`` / ``"mix"``: the MLP also reads the
-            bonded neighbours (:class:`LocalBondMix`); ``"gine"``: GIN's layer as the second residual.
+            bonded neighbours (:class:`LocalBondMix`); ``"gine"``: GIN's layer as the second residual;
+            ``"gin"``: GIN's layer without a residual, the pLSTM branch adding to its input.
         layer_scale: initial LayerScale of every pLSTM layer's output (``None``: none).
         layer_kwargs: extra keyword arguments of every :class:`PLSTMGraphLayer` (e.g. gate inits).
 
@@ -274,15 +291,16 @@ class PLSTMGraphStack(nn.Module):
         self.blocks = nn.ModuleList(
             PLSTMGraphBlock(dim, num_heads, mode=m, reverse=r, edge_dim=edge_dim, mlp_ratio=mlp_ratio,
                             dropout=dropout, backend=backend, local_mix=local_mix, layer_scale=layer_scale,
-                            **layer_kwargs)
-            for m, r in pattern
+                            last=i == len(pattern) - 1, **layer_kwargs)
+            for i, (m, r) in enumerate(pattern)
         )
-        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.norm = nn.Identity() if local_kind(local_mix) == "gin" else nn.RMSNorm(dim, eps=1e-5)
 
     def reset_parameters(self) -> None:
         for b in self.blocks:
             b.reset_parameters()
-        self.norm.reset_parameters()
+        if isinstance(self.norm, nn.RMSNorm):
+            self.norm.reset_parameters()
 
     def _schedule_for(self, i: int, schedules):
         mode, rev = self.pattern[i]

@@ -169,6 +169,12 @@ class PLSTMGraphLayer(nn.Module):
             CUDA when triton is installed; ``True``: always (on CPU only under ``TRITON_INTERPRET=1``);
             ``False``: the readable torch form (:meth:`gates` documents both). float64 inputs and
             ``torch.compile`` always take the readable form.
+        autocast: ``True`` (default): under an enclosing ``torch.autocast`` the projections run in its low
+            precision (the gates and the operator's states stay float32 either way); ``False``: the layer
+            computes in float32 whatever the autocast state (its input is upcast, its output is float32).
+            For small graphs (molecules), where a step is bound by kernel launches, not arithmetic: the
+            weight and activation casts that autocast adds in and around the layer cost more launches than
+            bf16 saves (the molecule model sets it; README, GPU throughput).
 
     Shapes:
         x: ``[N, dim]``; edge_attr: ``[E, edge_dim]`` aligned with the schedule's ``edge_index`` columns
@@ -207,6 +213,7 @@ class PLSTMGraphLayer(nn.Module):
         gate_init_std: float = 0.02,
         recompute: bool = False,
         fused_gates: Optional[bool] = None,
+        autocast: bool = True,
     ):
         super().__init__()
         if mode not in ("P", "D"):
@@ -218,7 +225,7 @@ class PLSTMGraphLayer(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.mode, self.reverse, self.edge_dim = mode, reverse, edge_dim
         self.backend, self.normalize, self.recompute = backend, normalize, recompute
-        self.fused_gates = fused_gates
+        self.fused_gates, self.autocast = fused_gates, bool(autocast)
         self.init = dict(
             source=source_bias, mark=mark_bias, direct=direct_bias, transition=transition_bias,
             std=gate_init_std,
@@ -392,6 +399,10 @@ class PLSTMGraphLayer(nn.Module):
         self, x: torch.Tensor, schedule: Union[DAGSchedule, "torch_geometric.data.Data"],
         edge_attr: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if not getattr(self, "autocast", True) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # float32 inside, whatever the caller's autocast
+                up = (lambda t: t if t is None or not t.is_floating_point() else _at_least_fp32(t))  # noqa: E731
+                return self.forward(up(x), schedule, up(edge_attr), up(edge_preact))
         y = self.heads(x, schedule, edge_attr, edge_preact)  # [N, H, V]
         y = self.norm(y)
         return self.out_proj(y.reshape(x.size(0), self.num_heads * self.head_dim))

@@ -87,14 +87,15 @@ def _nonneg_float(text: str) -> float:
 
 
 def _local_mix(text: str):
-    """``--local-mix``: on / off (the GELU local term or none) or gine (GIN's layer as the second residual)."""
+    """``--local-mix``: on / off (the GELU local term or none), gine (GIN's layer as the second residual) or gin
+    (GIN's layer without a residual, the pLSTM branch adding to its input)."""
     value = text.strip().lower()
-    if value in ("gine", "mix"):
-        return "gine" if value == "gine" else True
+    if value in ("gine", "gin", "mix"):
+        return value if value != "mix" else True
     try:
         return _on_off(value)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected gine, on or off, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected gine, gin, on or off, got {text!r}") from None
 
 
 def _local_mix_name(value) -> str:
@@ -139,9 +140,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_default: int = 40) -> Non
     g.add_argument("--layers", type=_positive_int, default=4, help="backbone layers (default 4)")
     g.add_argument("--heads", type=_positive_int, default=4, help="pLSTM / GAT heads (default 4)")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="default 0.1")
-    g.add_argument("--local-mix", type=_local_mix, default=_DEFAULTS.local_mix, metavar="gine|on|off",
+    g.add_argument("--local-mix", type=_local_mix, default=_DEFAULTS.local_mix, metavar="gine|gin|on|off",
                    help="pLSTM only: every block's local part next to its pLSTM layer: gine = GIN's layer (bonded "
-                        "neighbours and bond types, BatchNorm MLP) as the block's second residual; on = a GELU sum "
+                        "neighbours and bond types, BatchNorm MLP) as the block's second residual; gin = GIN's "
+                        "layer without a residual, the pLSTM branch adding to its input; on = a GELU sum "
                         "over the bonded neighbours read by a per-node MLP; off = the per-node MLP alone (default "
                         f"{_local_mix_name(_DEFAULTS.local_mix)})")
     g.add_argument("--layer-scale", type=_nonneg_float, default=_DEFAULTS.layer_scale,

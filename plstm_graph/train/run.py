@@ -57,7 +57,7 @@ class TrainConfig:
     num_heads: int = 4
     dropout: float = 0.1
     readout: str = "mean+sum"
-    local_mix: Union[bool, str] = "gine"  # "gine": GIN's layer, True: GELU local term, False: none
+    local_mix: Union[bool, str] = "gine"  # "gine": GIN's layer, "gin": GIN's stack, True: GELU term, False: none
     layer_scale: float = 0.01
     plstm_lr_scale: float = 0.3
     patience: int = 15
@@ -95,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"--plstm-lr-scale must be a positive number, got {self.plstm_lr_scale}")
         if not (self.grad_clip >= 0 and np.isfinite(self.grad_clip)):
             raise ValueError(f"--grad-clip must be a non-negative number, got {self.grad_clip}")
-        if not (isinstance(self.local_mix, bool) or self.local_mix in ("gine", "mix", "off")):
-            raise ValueError(f"--local-mix must be gine, on or off, got {self.local_mix!r}")
+        if not (isinstance(self.local_mix, bool) or self.local_mix in ("gine", "gin", "mix", "off")):
+            raise ValueError(f"--local-mix must be gine, gin, on or off, got {self.local_mix!r}")
         if self.select not in ("best", "last"):
             raise ValueError(f"--select must be best or last, got {self.select!r}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -230,4 +230,44 @@ def test_gine_block_equals_pyg_gineconv():
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-5)
     assert not hasattr(block, "norm2")
     with pytest.raises(ValueError, match="local_mix must be"):
-        PLSTMGraphBlock(6, 2, local_mix="gin")
+        PLSTMGraphBlock(6, 2, local_mix="ginx")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gin_stack_with_zero_layer_scale_is_the_gin_baseline(train):
+    """local_mix="gin": GIN's layer without a residual, the pLSTM branch adding to its input. With the LayerScale at
+    zero the molecule model is the ``gin`` baseline (PyG's BasicGNN with GINEConv layers) given the same weights:
+    same predictions and the same gradients for every shared parameter; a non-zero scale changes them."""
+    pytest.importorskip("rdkit")
+    from torch_geometric.loader import DataLoader
+
+    from plstm_graph.chem import smiles_to_dag
+    from plstm_graph.models.molecule import MoleculeModel
+
+    torch.manual_seed(0)
+    batch = next(iter(DataLoader([smiles_to_dag(s) for s in ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "OCC(N)C"]],
+                                 batch_size=4)))
+    ours = MoleculeModel("plstm", hidden=16, num_layers=3, local_mix="gin", layer_scale=0.0, dropout=0.0)
+    gin = MoleculeModel("gin", hidden=16, num_layers=3, dropout=0.0)
+    with torch.no_grad():
+        for blk in ours.backbone.blocks:
+            blk.gine_eps.fill_(0.2)
+        pairs = [(ours.atom_encoder, gin.atom_encoder), (ours.bond_encoder, gin.bond_encoder), (ours.head, gin.head)]
+        for blk, conv in zip(ours.backbone.blocks, gin.backbone.convs):
+            pairs += [(blk.mlp, conv.nn), (blk.local.edge, conv.lin)]
+            conv.eps.copy_(blk.gine_eps)
+        for a, b in pairs:
+            b.load_state_dict(a.state_dict())
+    assert isinstance(ours.backbone.norm, torch.nn.Identity) and ours.backbone.blocks[-1].last
+    ours.train(train), gin.train(train)
+    out, ref = ours(batch), gin(batch)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for a, b in pairs:
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        for blk in ours.backbone.blocks:
+            blk.layer_scale.fill_(0.5)
+    assert not torch.allclose(ours(batch), gin(batch), atol=1e-4)

@@ -210,6 +210,25 @@ def test_autocast_bf16_cpu(mode):
     assert (y.float() - y32).abs().max() < 0.1 * y32.abs().max() + 0.05
 
 
+def test_autocast_false_computes_in_float32_under_autocast():
+    """``autocast=False``: under bf16 autocast the layer gives exactly its float32 result (output float32, the
+    same gradients), from a bf16 input too; the default layer computes in bf16 there (the test above)."""
+    torch.manual_seed(0)
+    s = compile_dag(random_dag(20, 0.25, torch.Generator().manual_seed(3)), 20, mode="P")
+    layer = PLSTMGraphLayer(16, 2, mode="P", edge_dim=4, autocast=False)
+    x = torch.randn(20, 16, requires_grad=True)
+    ea = torch.randn(s.num_edges, 4)
+    ref = layer(x, s, ea)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, s, ea)
+        yb = layer(x.bfloat16(), s, ea.bfloat16())
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    assert torch.equal(gx, gref)
+    torch.testing.assert_close(yb, layer(x.bfloat16().float(), s, ea.bfloat16().float()))
+
+
 def test_reset_parameters_restores_init():
     layer = PLSTMGraphLayer(8, 2, mode="P", edge_dim=2)
     with torch.no_grad():

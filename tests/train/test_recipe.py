@@ -109,13 +109,13 @@ def test_local_mix_is_the_plstm_default_and_a_cli_flag():
     assert all(b.local_kind == "gine" and b.local.activation == "relu" for b in MoleculeModel(**KW).backbone.blocks)
     args = build_parser().parse_args(["train"])
     assert _config(args, "plstm", 0, "out").local_mix == "gine"
-    for text, value in (("off", False), ("on", True), ("gine", "gine"), ("mix", True)):
+    for text, value in (("off", False), ("on", True), ("gine", "gine"), ("gin", "gin"), ("mix", True)):
         args = build_parser().parse_args(["compare", "--local-mix", text])
         cfg = _config(args, "plstm", 0, "out")
         assert cfg.local_mix == value and _model_kwargs(cfg, 1)["local_mix"] == value
         assert type(_model_kwargs(cfg, 1)["local_mix"]) is type(value)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--local-mix", "gin"])
+        build_parser().parse_args(["train", "--local-mix", "ginx"])
     assert "local_mix" not in _model_kwargs(dataclasses.replace(cfg, model="gin"), 1)  # pLSTM only
     assert TrainConfig().layer_scale == 0.01 and _model_kwargs(TrainConfig(), 1)["layer_scale"] == 0.01
     args = build_parser().parse_args(["train", "--local-mix", "off", "--layer-scale", "0"])
