@@ -83,6 +83,7 @@ def throughput(args) -> None:
             for n, m in models.items()}
     amp = device.type == "cuda" and args.precision == "bf16"
     times = {n: [] for n in models}
+    breakdown = {}
     loaders = {}
     if args.num_workers:  # one persistent loader per model; its workers prepare and pack every batch
         for name, model in models.items():
@@ -96,11 +97,19 @@ def throughput(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            for b in loader:
+            parts = [0.0, 0.0, 0.0, 0.0]  # --breakdown: first wait, other waits, prepare, step (host time)
+            it, first = iter(loader), True
+            while True:
+                t0 = time.perf_counter()
+                b = next(it, None)
+                if b is None:
+                    break
+                t1 = time.perf_counter()
                 # pLSTM: schedules and Triton plans built on the CPU batch and moved with it (no host syncs)
                 # (from the workers: a packed batch, copied and unpacked by prepare_batch, for either model)
                 b = (prepare_batch(b, device, keys=model) if name.startswith("plstm") or args.num_workers
                      else b.to(device, non_blocking=True))
+                t2 = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(b)
                 y = b.y.float()
@@ -109,10 +118,15 @@ def throughput(args) -> None:
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
+                parts[0 if first else 1] += t1 - t0
+                parts[2] += t2 - t1
+                parts[3] += time.perf_counter() - t2
+                first = False
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep:
                 times[name].append(time.perf_counter() - t)
+                breakdown.setdefault(name, []).append(parts)
     gin = statistics.median(times["gin"]) if "gin" in times else None
     print(f"{args.dataset}: {len(graphs)} molecules/epoch, batch {args.batch_size}, hidden {args.hidden}, "
           f"{args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, threads {torch.get_num_threads()}, "
@@ -123,6 +137,14 @@ def throughput(args) -> None:
         med = statistics.median(ts)
         params = sum(p.numel() for p in models[name].parameters())
         print(f"| {name} | {params:,} | {med:.2f} | {med / gin:.2f} |" if gin else f"| {name} | {params:,} | {med:.2f} | - |")
+    if args.breakdown:
+        print("\nms per epoch (medians): loader wait for the first batch, for the others, prepare_batch (copy and "
+              "unpack), the step's host time (forward, backward, AdamW; not synchronised)")
+        print("| model | first wait | other waits | prepare | step (host) |")
+        print("|---|---|---|---|---|")
+        for name, rows in breakdown.items():
+            med = [1e3 * statistics.median(r[i] for r in rows) for i in range(4)]
+            print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in med) + " |")
 
 
 def main(argv=None) -> int:
@@ -150,6 +172,8 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for every model (one kernel for all parameters; CUDA or CPU)")
+    t.add_argument("--breakdown", action="store_true",
+                   help="also print where each epoch's time goes: loader waits, prepare_batch, the step's host time")
     t.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="CUDA only: bf16 autocast (default, as the training CLI) or float32 for every model")
     t.add_argument("--num-workers", type=int, default=0,
