@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["counts", "profile", "optime"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--fused-adamw", action="store_true", help="profile: AdamW(fused=True)")
-    p.add_argument("--backends", nargs="+", default=["parallel", "levels"], help="optime: plstm_dag backends")
+    p.add_argument("--backends", nargs="+", default=["paths", "parallel", "levels"], help="optime: plstm_dag backends")
     args = p.parse_args(argv)
     {"counts": counts, "profile": profile, "optime": optime}[args.what](args)
     return 0
