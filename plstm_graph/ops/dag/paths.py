@@ -117,7 +117,23 @@ def path_tables(schedule: DAGSchedule, max_paths: Optional[int] = None) -> Optio
 def plstm_dag_paths(q, k, v, source, transition, mark, direct, schedule: DAGSchedule) -> torch.Tensor:
     """Path-list operator; same contract as :func:`plstm_graph.plstm_dag` (inputs of one dtype: the dispatcher
     upcasts half precision to float32). Raises ``ValueError`` when the DAG has more than :data:`MAX_PATHS`
-    paths (use ``backend="levels"``)."""
+    paths (use ``backend="levels"``).
+
+    Shapes: q, k ``[N, H, K]``, v ``[N, H, V]``, source, mark ``[E, H]``, transition ``[L, H]``, direct
+    ``[N, H]`` -> ``[N, H, V]``.
+
+    Example (a diamond ``0 -> {1, 2} -> 3``: four one-edge paths and two two-edge paths):
+        >>> import torch
+        >>> from plstm_graph import compile_dag, plstm_dag
+        >>> s = compile_dag(torch.tensor([[0, 0, 1, 2], [1, 2, 3, 3]]), num_nodes=4, mode="P")
+        >>> count_paths(s), path_tables(s)["factors"].shape
+        (6, torch.Size([6, 3]))
+        >>> x = [torch.rand(4, 2, 3) for _ in range(3)]
+        >>> gates = [torch.rand(4, 2), torch.rand(2, 2), torch.rand(4, 2), torch.rand(4, 2)]
+        >>> y = plstm_dag_paths(*x, *gates, s)
+        >>> torch.allclose(y, plstm_dag(*x, *gates, s, backend="reference"))
+        True
+    """
     tables = path_tables(schedule)
     if tables is None:
         raise ValueError(
