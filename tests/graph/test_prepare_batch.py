@@ -172,7 +172,8 @@ def test_path_tables_built_for_the_cpu_step_only(monkeypatch):
     # a CUDA target (the host side needs no GPU): no path tables
     from plstm_graph.graph.batching import _wants_paths
 
-    assert _wants_paths(torch.device("cuda"), {"auto"}) is None and _wants_paths(torch.device("cpu"), {"auto"}) == "auto"
+    assert _wants_paths(torch.device("cuda"), {"auto"}) is None
+    assert _wants_paths(torch.device("cpu"), {"auto"}) == "auto"
     assert _wants_paths(torch.device("cuda"), {"paths"}) == "all"
     other = _batch()
     _build_schedules(other, KEYS, triton_plans=False, paths=None)
