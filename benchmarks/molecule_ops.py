@@ -3,6 +3,7 @@
     python benchmarks/molecule_ops.py counts --device cuda     # kernel-launching aten ops per step, by model part
     python benchmarks/molecule_ops.py profile --device cuda    # cProfile of 20 pLSTM training steps (+ GIN ms/step)
     OMP_NUM_THREADS=1 python benchmarks/molecule_ops.py optime --device cpu   # plstm_dag fwd+bwd per call, by backend
+    python benchmarks/molecule_ops.py paths --dataset b3db   # line-graph paths per batch (the paths backend's tables)
 
 * ``counts``: one training step of the default molecule pLSTM (bf16 autocast on CUDA, AdamW), every non-view
   ``aten::`` op counted once (roughly one kernel launch each on CUDA) and attributed to the part of the model
@@ -199,14 +200,42 @@ def optime(args) -> None:
                 print(f"{backend}: {1e3 * total / len(bs):.2f} ms per call, forward + backward ({len(bs)} batches of 32)")
 
 
+def paths(args) -> None:
+    """Line-graph paths per batch of 32 (what the ``paths`` backend enumerates), per schedule the model uses."""
+    import statistics
+
+    import torch
+    from torch_geometric.loader import DataLoader
+
+    from plstm_graph.datasets.molecules import build_graphs, load_dataset
+    from plstm_graph.graph import prepare_batch
+    from plstm_graph.models.molecule import MoleculeModel
+    from plstm_graph.ops.dag.paths import count_paths, path_tables
+
+    graphs = build_graphs(load_dataset(args.dataset), progress=False, warn=False).graphs
+    model = MoleculeModel("plstm", hidden=64, num_layers=4)
+    loader = DataLoader(graphs, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for b in loader:
+        prepare_batch(b, "cpu", keys=model)
+        for key in (("P", False), ("P", True), ("D", False), ("D", True)):
+            s = b.schedule(*key)
+            width = path_tables(s)["factors"].shape[1]  # longest path's edges + 1 (its mark)
+            rows.append((s.num_edges, s.num_line_edges, count_paths(s), width - 1))
+    mean = [statistics.mean(r[i] for r in rows) for i in range(3)]
+    print(f"{args.dataset}, {len(rows)} schedules of batches of 32: edges {mean[0]:.0f}, line edges {mean[1]:.0f}, "
+          f"paths {mean[2]:.0f} (max {max(r[2] for r in rows)}), longest path {max(r[3] for r in rows)} edges")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["counts", "profile", "optime"])
+    p.add_argument("what", choices=["counts", "profile", "optime", "paths"])
+    p.add_argument("--dataset", default="freesolv", help="paths: the dataset")
     p.add_argument("--device", default="cuda")
     p.add_argument("--fused-adamw", action="store_true", help="profile: AdamW(fused=True)")
     p.add_argument("--backends", nargs="+", default=["paths", "parallel", "levels"], help="optime: plstm_dag backends")
     args = p.parse_args(argv)
-    {"counts": counts, "profile": profile, "optime": optime}[args.what](args)
+    {"counts": counts, "profile": profile, "optime": optime, "paths": paths}[args.what](args)
     return 0
 
 
