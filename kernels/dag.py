@@ -98,14 +98,16 @@ def _kernel(fn, free=()):
 
 def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
                 e_items, e_pptr, e_base, in_ptr, in_pos, in_line,
-                n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H,
+                n_items, n_pptr, n_base, nin_ptr, nin_pos, slot_base, slot_of, H, q_rs, k_rs, v_rs, qs,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DO_EDGES: tl.constexpr, DO_NODES: tl.constexpr, USE_SLOTS: tl.constexpr):
     """Program (p, h): the edges at positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in order (states),
     then the nodes n_items[n_pptr[n_base+p] .. n_pptr[n_base+p+1]] (readout). One head per program.
 
     The state of the edge at position ``pos`` lives in row ``pos - slot_base`` of ``state``, or in row
-    ``slot_of[pos]`` with ``USE_SLOTS`` (segments of the levels strategy with recomputation)."""
+    ``slot_of[pos]`` with ``USE_SLOTS`` (segments of the levels strategy with recomputation). Rows of ``q, k, v``
+    are ``q_rs, k_rs, v_rs`` elements apart (heads ``K`` / ``V`` apart: column slices of a wider projection are
+    read in place); ``q`` is read times ``qs`` (the layer's ``K^-0.5``)."""
     p = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offk = tl.arange(0, BK)
@@ -122,8 +124,8 @@ def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
             # C_b = s_b k_u v_u^T + sum_{l=(a,b)} T_l C_a
             b = tl.load(e_items + b_pos).to(tl.int64)
             u = tl.load(tails + b).to(tl.int64)
-            kk = tl.load(k + (u * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-            vv = tl.load(v + (u * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            kk = tl.load(k + u * k_rs + h * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vv = tl.load(v + u * v_rs + h * V + offv, mask=mv, other=0.0).to(tl.float32)
             s = tl.load(src + b * H + h).to(tl.float32)
             c = s * (kk[:, None] * vv[None, :])
             j = tl.load(in_ptr + b_pos)
@@ -152,9 +154,9 @@ def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
         while i < i1:
             # y_n = d_n (q_n . k_n) v_n + sum_{a -> n} m_a q_n^T C_a
             n = tl.load(n_items + i).to(tl.int64)
-            qq = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-            kk = tl.load(k + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-            vv = tl.load(v + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+            qq = tl.load(q + n * q_rs + h * K + offk, mask=mk, other=0.0).to(tl.float32) * qs
+            kk = tl.load(k + n * k_rs + h * K + offk, mask=mk, other=0.0).to(tl.float32)
+            vv = tl.load(v + n * v_rs + h * V + offv, mask=mv, other=0.0).to(tl.float32)
             d = tl.load(direct + n * H + h).to(tl.float32)
             acc = (d * tl.sum(qq * kk, axis=0)) * vv
             j = tl.load(nin_ptr + n)
@@ -173,37 +175,42 @@ def _fwd_kernel(q, k, v, src, trans, mark, direct, y, state, tails,
             tl.store(y + (n * H + h) * V + offv, acc, mask=mv)
             i += 1
 
-def _direct_bwd_kernel(q, k, v, dy, direct, dq, dk, dv, ddirect, R,
+def _direct_bwd_kernel(q, k, v, dy, direct, dq, dk, dv, ddirect, R, H, q_rs, k_rs, v_rs, dq_rs, dk_rs, dv_rs, qs,
                        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
     """Direct term of the backward, ``BR`` (node, head) rows per program (``R = N * H`` rows): with
     ``y_n = d_n (q_n . k_n) v_n``, ``dq = d (dy . v) k``, ``dk = d (dy . v) q``, ``dv = d (q . k) dy`` and
-    ``ddirect = (q . k)(dy . v)``, stored (float32) as the start the edge kernels accumulate on."""
+    ``ddirect = (q . k)(dy . v)``, stored (float32) as the start the edge kernels accumulate on. Row ``r`` is
+    node ``r // H``, head ``r % H``; node rows of ``q, k, v, dq, dk, dv`` are ``*_rs`` elements apart (``dy``:
+    ``H * V``); ``q`` is read times ``qs`` and ``dq`` is the gradient of the unscaled ``q``."""
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     mr = r < R
     offk = tl.arange(0, BK)
     offv = tl.arange(0, BV)
     mk = mr[:, None] & (offk < K)[None, :]
     mv = mr[:, None] & (offv < V)[None, :]
-    ik = r[:, None] * K + offk[None, :]
-    iv = r[:, None] * V + offv[None, :]
-    qq = tl.load(q + ik, mask=mk, other=0.0).to(tl.float32)
-    kk = tl.load(k + ik, mask=mk, other=0.0).to(tl.float32)
-    vv = tl.load(v + iv, mask=mv, other=0.0).to(tl.float32)
-    gy = tl.load(dy + iv, mask=mv, other=0.0).to(tl.float32)
+    node = (r // H)[:, None]
+    hk = (r % H)[:, None] * K + offk[None, :]
+    hv = (r % H)[:, None] * V + offv[None, :]
+    qq = tl.load(q + node * q_rs + hk, mask=mk, other=0.0).to(tl.float32) * qs
+    kk = tl.load(k + node * k_rs + hk, mask=mk, other=0.0).to(tl.float32)
+    vv = tl.load(v + node * v_rs + hv, mask=mv, other=0.0).to(tl.float32)
+    gy = tl.load(dy + r[:, None] * V + offv[None, :], mask=mv, other=0.0).to(tl.float32)
     d = tl.load(direct + r, mask=mr, other=0.0).to(tl.float32)
     qk = tl.sum(qq * kk, axis=1)
     dyv = tl.sum(gy * vv, axis=1)
-    tl.store(dq + ik, (d * dyv)[:, None] * kk, mask=mk)
-    tl.store(dk + ik, (d * dyv)[:, None] * qq, mask=mk)
-    tl.store(dv + iv, (d * qk)[:, None] * gy, mask=mv)
+    tl.store(dq + node * dq_rs + hk, (qs * d * dyv)[:, None] * kk, mask=mk)
+    tl.store(dk + node * dk_rs + hk, (d * dyv)[:, None] * qq, mask=mk)
+    tl.store(dv + node * dv_rs + hv, (d * qk)[:, None] * gy, mask=mv)
     tl.store(ddirect + r, qk * dyv, mask=mr)
 
 
 def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
                 tails, heads, e_items, e_pptr, e_base, out_ptr, out_pos, out_line, slot_base, slot_of, H,
+                q_rs, k_rs, v_rs, dq_rs, dk_rs, dv_rs, qs,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 USE_SLOTS: tl.constexpr):
-    """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order."""
+    """Program (p, h): the edges of positions e_pptr[e_base+p] .. e_pptr[e_base+p+1] in REVERSE order. Row
+    strides and ``qs`` as in :func:`_direct_bwd_kernel`."""
     p = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offk = tl.arange(0, BK)
@@ -219,7 +226,7 @@ def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, 
         a = tl.load(e_items + a_pos).to(tl.int64)
         n = tl.load(heads + a).to(tl.int64)
         x = tl.load(tails + a).to(tl.int64)
-        qn = tl.load(q + (n * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
+        qn = tl.load(q + n * q_rs + h * K + offk, mask=mk, other=0.0).to(tl.float32) * qs
         dyn = tl.load(dy + (n * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
         m = tl.load(mark + a * H + h).to(tl.float32)
         if USE_SLOTS:
@@ -247,16 +254,16 @@ def _bwd_kernel(q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, 
         # readout of a at its head n
         cdy = tl.sum(ca * dyn[None, :], axis=1)  # [BK]: C_a dy_n
         tl.store(dmark + a * H + h, tl.sum(qn * cdy, axis=0))
-        tl.atomic_add(dq + (n * H + h) * K + offk, m * cdy, mask=mk)
+        tl.atomic_add(dq + n * dq_rs + h * K + offk, (qs * m) * cdy, mask=mk)
         # source outer product at its tail x
-        kx = tl.load(k + (x * H + h) * K + offk, mask=mk, other=0.0).to(tl.float32)
-        vx = tl.load(v + (x * H + h) * V + offv, mask=mv, other=0.0).to(tl.float32)
+        kx = tl.load(k + x * k_rs + h * K + offk, mask=mk, other=0.0).to(tl.float32)
+        vx = tl.load(v + x * v_rs + h * V + offv, mask=mv, other=0.0).to(tl.float32)
         s = tl.load(src + a * H + h).to(tl.float32)
         dcv = tl.sum(dc * vx[None, :], axis=1)  # [BK]
         dck = tl.sum(dc * kx[:, None], axis=0)  # [BV]
         tl.store(dsrc + a * H + h, tl.sum(dcv * kx, axis=0))
-        tl.atomic_add(dk + (x * H + h) * K + offk, s * dcv, mask=mk)
-        tl.atomic_add(dv + (x * H + h) * V + offv, s * dck, mask=mv)
+        tl.atomic_add(dk + x * dk_rs + h * K + offk, s * dcv, mask=mk)
+        tl.atomic_add(dv + x * dv_rs + h * V + offv, s * dck, mask=mv)
         tl.debug_barrier()
         a_pos -= 1
 
@@ -374,12 +381,13 @@ def _blocks(dk: int, dv: int):
 
 # ---------------------------------------------------------------------------------------------- drivers
 def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, state, *, nodes: bool,
-             g_range=None, lvl_range=None, slot_of=None):
+             g_range=None, lvl_range=None, slot_of=None, qs: float = 1.0):
     """Compute states (into ``state``) and, if ``nodes``, the readout into ``y``.
 
     graph strategy: graphs ``g_range = (g0, g1)``; ``state`` holds the states of their edges only.
     levels strategy: levels ``lvl_range = (l0, l1)`` (default all); with ``slot_of`` the state of the edge at
-    position ``pos`` is row ``slot_of[pos]`` of ``state`` (else row ``pos``).
+    position ``pos`` is row ``slot_of[pos]`` of ``state`` (else row ``pos``). ``q, k, v``: ``[N, H, K]`` views
+    with unit column stride and heads ``K`` apart (rows anywhere, see :func:`_rows`); ``q`` enters times ``qs``.
     """
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
     bk, bv, warps = _blocks(K, V)
@@ -387,12 +395,13 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
     use_slots = slot_of is not None
     common = dict(K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots)
     slots = slot_of if use_slots else P["tails"]  # any int32 tensor when unused
+    strides = (q.stride(0), k.stride(0), v.stride(0), float(qs))
 
     def launch(grid, e_base, n_base, slot_base, do_edges, do_nodes, n_pptr="n_pptr"):
         _kernel(_fwd_kernel, _FWD_FREE)[grid](
             q, k, v, src, trans, mark, direct, y, state, P["tails"],
             P["e_items"], P["e_pptr"], e_base, P["in_ptr"], P["in_pos"], P["in_line"],
-            P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H,
+            P["n_items"], P[n_pptr], n_base, P["nin_ptr"], P["nin_pos"], slot_base, slots, H, *strides,
             DO_EDGES=do_edges, DO_NODES=do_nodes, **common,
         )
 
@@ -417,20 +426,22 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
 
 
 def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dstate, grads, g_range=None,
-             lvl_range=None, slot_of=None):
-    """Adjoint sweep (reverse order) over graphs ``g_range`` or levels ``lvl_range``; see :func:`_run_fwd`."""
+             lvl_range=None, slot_of=None, qs: float = 1.0):
+    """Adjoint sweep (reverse order) over graphs ``g_range`` or levels ``lvl_range``; see :func:`_run_fwd`
+    (``dq, dk, dv`` of ``grads``: row-strided like ``q, k, v``)."""
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
     bk, bv, warps = _blocks(K, V)
     dq, dk, dv, dsrc, dtrans, dmark = grads
     P = plan
     use_slots = slot_of is not None
     slots = slot_of if use_slots else P["tails"]
+    strides = (q.stride(0), k.stride(0), v.stride(0), dq.stride(0), dk.stride(0), dv.stride(0), float(qs))
 
     def launch(grid, e_base, slot_base):
         _kernel(_bwd_kernel, _BWD_FREE)[grid](
             q, k, v, src, trans, mark, dy, state, dstate, dq, dk, dv, dsrc, dtrans, dmark,
             P["tails"], P["heads"], P["e_items"], P["e_pptr"], e_base, P["out_ptr"], P["out_pos"], P["out_line"],
-            slot_base, slots, H, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,
+            slot_base, slots, H, *strides, K=K, V=V, BK=bk, BV=bv, num_warps=warps, USE_SLOTS=use_slots,
         )
 
     if strategy == "graph":
@@ -615,49 +626,142 @@ def _restore_carry(buf, S: int, sg, pieces) -> None:
         o += rows.numel()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[N, H, K]``) as the kernels read it: unit column stride, heads ``K`` apart, rows anywhere (a
+    column slice of a wider projection is read in place); otherwise a contiguous copy."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
+def _dag_forward(ctx, q, k, v, source, transition, mark, direct, schedule, recompute, strategy, chunk_bytes,
+                 qs: float = 1.0):
+    """The forward of :class:`_PLSTMDagTriton` (``q`` enters times ``qs``): returns ``(y, state)``, ``state`` the
+    edge states kept for the backward (``None`` with ``recompute``); what the backward needs besides the saved
+    tensors goes on ``ctx``."""
+    n, H, K = q.shape
+    V = v.shape[2]
+    E = schedule.num_edges
+    plan = _plan(schedule, strategy)
+    y = torch.empty(n, H, V, dtype=v.dtype, device=v.device)
+    per_edge = H * K * V * 4
+    state = None
+    if strategy == "graph" and recompute:
+        chunks = _chunks(plan, E, per_edge, chunk_bytes or DEFAULT_CHUNK_BYTES)
+        cap = max((int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks), default=0)
+        buf = torch.empty(max(cap, 1), H, K, V, dtype=torch.float32, device=q.device)
+        for g0, g1 in chunks:
+            _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
+                     nodes=True, g_range=(g0, g1), qs=qs)
+        del buf
+    elif recompute and E:  # levels strategy: segments; keep only each segment's checkpoint piece
+        segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, chunk_bytes))
+        slot_of = plan["slot_of"]
+        pieces = []
+        for sg in segs:
+            S = sg["S"]
+            slot_of[sg["idx"]] = sg["val"]
+            buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, dtype=torch.float32, device=q.device)
+            _restore_carry(buf, S, sg, pieces)
+            _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
+                     nodes=True, lvl_range=sg["levels"], slot_of=slot_of, qs=qs)
+            pieces.append(buf[sg["piece_src"]] if "piece_src" in sg else None)
+            del buf
+        ctx.pieces = pieces
+    else:
+        state = torch.empty(max(E, 1), H, K, V, dtype=torch.float32, device=q.device)
+        g_range = (0, plan["num_progs"]) if strategy == "graph" else None
+        _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, state,
+                 nodes=True, g_range=g_range, qs=qs)
+        if recompute:
+            state = None
+    ctx.schedule, ctx.recompute, ctx.strategy, ctx.chunk_bytes = schedule, recompute, strategy, chunk_bytes
+    return y, state
+
+
+def _dag_backward(ctx, q, k, v, source, transition, mark, direct, state, dy, dq, dk, dv, qs: float = 1.0):
+    """The backward of :class:`_PLSTMDagTriton`: writes ``dq, dk, dv`` (float32, laid out as :func:`_rows`
+    allows; every element is written) and returns float32 ``(dsrc [E, H], dtrans [L, H], dmark [E, H],
+    ddirect [N, H])``."""
+    schedule, strategy = ctx.schedule, ctx.strategy
+    dy = dy.contiguous()
+    n, H, K = q.shape
+    V = v.shape[2]
+    E = schedule.num_edges
+    plan = _plan(schedule, strategy)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # the direct term starts dq, dk, dv (one launch: _direct_bwd_kernel), the edge kernels accumulate on
+    # top; the gate gradients start at zero (one allocation)
+    L = schedule.num_line_edges
+    zero = torch.zeros((2 * E + L + n) * H, **f32)
+    dsrc, dtrans = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H)
+    dmark, ddirect = zero[(E + L) * H: (2 * E + L) * H].view(E, H), zero[(2 * E + L) * H:].view(n, H)
+    if n:
+        bk, bv, _ = _blocks(K, V)
+        rows = 16
+        _kernel(_direct_bwd_kernel, ["R"])[((n * H + rows - 1) // rows,)](
+            q, k, v, dy, direct, dq, dk, dv, ddirect, n * H, H, q.stride(0), k.stride(0), v.stride(0),
+            dq.stride(0), dk.stride(0), dv.stride(0), float(qs), K=K, V=V, BK=bk, BV=bv, BR=rows)
+    grads = (dq, dk, dv, dsrc, dtrans, dmark)
+    if E:
+        per_edge = H * K * V * 4
+        if strategy == "graph" and ctx.recompute:
+            chunks = _chunks(plan, E, per_edge, ctx.chunk_bytes or DEFAULT_CHUNK_BYTES)
+            cap = max(int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks)
+            buf = torch.empty(max(cap, 1), H, K, V, **f32)
+            dbuf = torch.empty(max(cap, 1), H, K, V, **f32)
+            for g0, g1 in reversed(chunks):
+                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
+                         nodes=False, g_range=(g0, g1), qs=qs)
+                _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
+                         g_range=(g0, g1), qs=qs)
+        elif ctx.recompute:  # levels strategy, segment by segment from the last one
+            segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, ctx.chunk_bytes))
+            slot_of = plan["slot_of"]
+            pieces = ctx.pieces
+            if pieces is None:
+                raise RuntimeError(
+                    "plstm_dag(recompute=True) with the levels strategy frees its checkpoints in the "
+                    "backward: run the forward again for a second backward"
+                )
+            ctx.pieces = None
+            dcarry = None
+            for j in range(len(segs) - 1, -1, -1):
+                sg, S = segs[j], segs[j]["S"]
+                pieces[j] = None  # read only by later segments, all done
+                slot_of[sg["idx"]] = sg["val"]
+                buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, **f32)
+                _restore_carry(buf, S, sg, pieces)
+                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
+                         nodes=False, lvl_range=sg["levels"], slot_of=slot_of, qs=qs)
+                nd = 0 if dcarry is None else dcarry.shape[0]
+                dbuf = torch.empty(max(S + nd, 1), H, K, V, **f32)
+                if nd:
+                    dbuf[S: S + nd] = dcarry
+                dcarry = None
+                _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
+                         lvl_range=sg["levels"], slot_of=slot_of, qs=qs)
+                del buf
+                if j > 0:
+                    dcarry = dbuf[sg["bwd_gather"]]
+                del dbuf
+        else:
+            g_range = (0, plan["num_progs"]) if strategy == "graph" else None
+            if state is None:
+                state = torch.empty(E, H, K, V, **f32)
+                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, state,
+                         nodes=False, g_range=g_range, qs=qs)
+            dstate = torch.empty(E, H, K, V, **f32)
+            _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, state, dstate, grads,
+                     g_range=g_range, qs=qs)
+    return dsrc, dtrans, dmark, ddirect
+
+
 class _PLSTMDagTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, source, transition, mark, direct, schedule, recompute, strategy, chunk_bytes):
-        q, k, v, source, transition, mark, direct = (
-            t.contiguous() for t in (q, k, v, source, transition, mark, direct)
-        )
-        n, H, K = q.shape
-        V = v.shape[2]
-        E = schedule.num_edges
-        plan = _plan(schedule, strategy)
-        y = torch.empty(n, H, V, dtype=v.dtype, device=v.device)
-        per_edge = H * K * V * 4
-        state = None
-        if strategy == "graph" and recompute:
-            chunks = _chunks(plan, E, per_edge, chunk_bytes or DEFAULT_CHUNK_BYTES)
-            cap = max((int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks), default=0)
-            buf = torch.empty(max(cap, 1), H, K, V, dtype=torch.float32, device=q.device)
-            for g0, g1 in chunks:
-                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
-                         nodes=True, g_range=(g0, g1))
-            del buf
-        elif recompute and E:  # levels strategy: segments; keep only each segment's checkpoint piece
-            segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, chunk_bytes))
-            slot_of = plan["slot_of"]
-            pieces = []
-            for sg in segs:
-                S = sg["S"]
-                slot_of[sg["idx"]] = sg["val"]
-                buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, dtype=torch.float32, device=q.device)
-                _restore_carry(buf, S, sg, pieces)
-                _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, buf,
-                         nodes=True, lvl_range=sg["levels"], slot_of=slot_of)
-                pieces.append(buf[sg["piece_src"]] if "piece_src" in sg else None)
-                del buf
-            ctx.pieces = pieces
-        else:
-            state = torch.empty(max(E, 1), H, K, V, dtype=torch.float32, device=q.device)
-            g_range = (0, plan["num_progs"]) if strategy == "graph" else None
-            _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, y, state,
-                     nodes=True, g_range=g_range)
-            if recompute:
-                state = None
-        ctx.schedule, ctx.recompute, ctx.strategy, ctx.chunk_bytes = schedule, recompute, strategy, chunk_bytes
+        q, k, v = _rows(q), _rows(k), _rows(v)  # views with unit head stride are read in place (no copy)
+        source, transition, mark, direct = (t.contiguous() for t in (source, transition, mark, direct))
+        y, state = _dag_forward(ctx, q, k, v, source, transition, mark, direct, schedule, recompute, strategy,
+                                chunk_bytes)
         if state is None:
             ctx.save_for_backward(q, k, v, source, transition, mark, direct)
         else:
@@ -666,80 +770,13 @@ class _PLSTMDagTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        schedule, strategy = ctx.schedule, ctx.strategy
         q, k, v, source, transition, mark, direct = ctx.saved_tensors[:7]
         state = ctx.saved_tensors[7] if len(ctx.saved_tensors) == 8 else None
-        dy = dy.contiguous()
         n, H, K = q.shape
-        V = v.shape[2]
-        E = schedule.num_edges
-        plan = _plan(schedule, strategy)
         f32 = dict(dtype=torch.float32, device=q.device)
-        # the direct term starts dq, dk, dv (one launch: _direct_bwd_kernel), the edge kernels accumulate on
-        # top; the gate gradients start at zero (one allocation)
-        L = schedule.num_line_edges
-        dq, dk, ddirect = torch.empty(n, H, K, **f32), torch.empty(n, H, K, **f32), torch.empty(n, H, **f32)
-        dv = torch.empty(n, H, V, **f32)
-        if n:
-            bk, bv, _ = _blocks(K, V)
-            rows = 16
-            _kernel(_direct_bwd_kernel, ["R"])[((n * H + rows - 1) // rows,)](
-                q, k, v, dy, direct, dq, dk, dv, ddirect, n * H, K=K, V=V, BK=bk, BV=bv, BR=rows)
-        zero = torch.zeros((2 * E + L) * H, **f32)
-        dsrc, dtrans = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H)
-        dmark = zero[(E + L) * H:].view(E, H)
-        grads = (dq, dk, dv, dsrc, dtrans, dmark)
-        if E:
-            per_edge = H * K * V * 4
-            if strategy == "graph" and ctx.recompute:
-                chunks = _chunks(plan, E, per_edge, ctx.chunk_bytes or DEFAULT_CHUNK_BYTES)
-                cap = max(int(plan["e_pptr_cpu"][g1] - plan["e_pptr_cpu"][g0]) for g0, g1 in chunks)
-                buf = torch.empty(max(cap, 1), H, K, V, **f32)
-                dbuf = torch.empty(max(cap, 1), H, K, V, **f32)
-                for g0, g1 in reversed(chunks):
-                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
-                             nodes=False, g_range=(g0, g1))
-                    _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
-                             g_range=(g0, g1))
-            elif ctx.recompute:  # levels strategy, segment by segment from the last one
-                segs = _segments(schedule, plan, _segment_cap(schedule, plan, per_edge, ctx.chunk_bytes))
-                slot_of = plan["slot_of"]
-                pieces = ctx.pieces
-                if pieces is None:
-                    raise RuntimeError(
-                        "plstm_dag(recompute=True) with the levels strategy frees its checkpoints in the "
-                        "backward: run the forward again for a second backward"
-                    )
-                ctx.pieces = None
-                dcarry = None
-                for j in range(len(segs) - 1, -1, -1):
-                    sg, S = segs[j], segs[j]["S"]
-                    pieces[j] = None  # read only by later segments, all done
-                    slot_of[sg["idx"]] = sg["val"]
-                    buf = torch.empty(max(S + sg["x_pos"].numel(), 1), H, K, V, **f32)
-                    _restore_carry(buf, S, sg, pieces)
-                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, buf,
-                             nodes=False, lvl_range=sg["levels"], slot_of=slot_of)
-                    nd = 0 if dcarry is None else dcarry.shape[0]
-                    dbuf = torch.empty(max(S + nd, 1), H, K, V, **f32)
-                    if nd:
-                        dbuf[S: S + nd] = dcarry
-                    dcarry = None
-                    _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, buf, dbuf, grads,
-                             lvl_range=sg["levels"], slot_of=slot_of)
-                    del buf
-                    if j > 0:
-                        dcarry = dbuf[sg["bwd_gather"]]
-                    del dbuf
-            else:
-                g_range = (0, plan["num_progs"]) if strategy == "graph" else None
-                if state is None:
-                    state = torch.empty(E, H, K, V, **f32)
-                    _run_fwd(q, k, v, source, transition, mark, direct, schedule, plan, strategy, dy, state,
-                             nodes=False, g_range=g_range)
-                dstate = torch.empty(E, H, K, V, **f32)
-                _run_bwd(q, k, v, source, transition, mark, dy, schedule, plan, strategy, state, dstate, grads,
-                         g_range=g_range)
+        dq, dk, dv = torch.empty(n, H, K, **f32), torch.empty(n, H, K, **f32), torch.empty(n, H, v.shape[2], **f32)
+        dsrc, dtrans, dmark, ddirect = _dag_backward(ctx, q, k, v, source, transition, mark, direct, state, dy,
+                                                     dq, dk, dv)
         out = (
             dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsrc.to(source.dtype), dtrans.to(transition.dtype),
             dmark.to(mark.dtype), ddirect.to(direct.dtype),

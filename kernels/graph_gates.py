@@ -223,12 +223,13 @@ def _bwd_reduce_kernel(src, trans, dsrc, dtrans, nred, ered, tail, la, E, L, H, 
 
 
 def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, etot, nred, ered,
-                eid, tail, head, la, lb, dg, de, db,
+                eid, tail, head, la, lb, dg, dg_rs, de, db,
                 N, E, L, H, nb_e, nb_l, scale,
                 HP: tl.constexpr, BR: tl.constexpr, HAS_E: tl.constexpr, HAS_EID: tl.constexpr,
                 NORM: tl.constexpr):
-    """Gradients of the pre-activations, scattered to ``dg [N, H, 8]``, ``de [E_in, H, 4]`` and ``db [4, H]``
-    (source, mark, transition, direct biases). Same program ranges as :func:`_fwd_kernel`."""
+    """Gradients of the pre-activations, scattered to ``dg [N, H, 8]`` (rows ``dg_rs`` elements apart, a column
+    slice of a wider gradient is written in place), ``de [E_in, H, 4]`` and ``db [4, H]`` (source, mark,
+    transition, direct biases). Same program ranges as :func:`_fwd_kernel`."""
     pid = tl.program_id(0)
     offh = tl.arange(0, HP)
     mh = offh < H
@@ -250,8 +251,8 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         ds = tl.where(m2, dsg * sg * (1.0 - sg), 0.0)
         mk = tl.load(mark + idx, mask=m2, other=0.0)
         dm = tl.where(m2, tl.load(dmark + idx, mask=m2, other=0.0).to(tl.float32) * mk * (1.0 - mk), 0.0)
-        gu = dg + u[:, None] * (H * 8) + offh[None, :] * 8
-        gw = dg + w[:, None] * (H * 8) + offh[None, :] * 8
+        gu = dg + u[:, None] * dg_rs + offh[None, :] * 8
+        gw = dg + w[:, None] * dg_rs + offh[None, :] * 8
         tl.atomic_add(gu, ds, mask=m2)
         tl.atomic_add(gw + 1, ds, mask=m2)
         tl.atomic_add(gw + 2, dm, mask=m2)
@@ -281,9 +282,9 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
             tt = out
             dtt = dout
         dt = tl.where(m2, dtt * scale * (1.0 - tt * tt), 0.0)
-        tl.atomic_add(dg + x[:, None] * (H * 8) + offh[None, :] * 8 + 4, dt, mask=m2)
-        tl.atomic_add(dg + u[:, None] * (H * 8) + offh[None, :] * 8 + 5, dt, mask=m2)
-        tl.atomic_add(dg + w[:, None] * (H * 8) + offh[None, :] * 8 + 6, dt, mask=m2)
+        tl.atomic_add(dg + x[:, None] * dg_rs + offh[None, :] * 8 + 4, dt, mask=m2)
+        tl.atomic_add(dg + u[:, None] * dg_rs + offh[None, :] * 8 + 5, dt, mask=m2)
+        tl.atomic_add(dg + w[:, None] * dg_rs + offh[None, :] * 8 + 6, dt, mask=m2)
         if HAS_E:
             ra = _edge_rows(eid, a, mr, HAS_EID)
             rb = _edge_rows(eid, b, mr, HAS_EID)
@@ -297,7 +298,7 @@ def _bwd_kernel(src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, et
         idx = r[:, None] * H + offh[None, :]
         dr = tl.load(direct + idx, mask=m2, other=0.0)
         dd = tl.where(m2, tl.load(ddirect + idx, mask=m2, other=0.0).to(tl.float32) * dr * (1.0 - dr), 0.0)
-        tl.store(dg + r[:, None] * (H * 8) + offh[None, :] * 8 + 7, dd, mask=m2)
+        tl.store(dg + r[:, None] * dg_rs + offh[None, :] * 8 + 7, dd, mask=m2)
         tl.atomic_add(db + 3 * H + offh, tl.sum(dd, axis=0), mask=mh)
 
 
@@ -312,62 +313,90 @@ def _rows_view(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return t, t.stride(0)
 
 
+def _bias_arg(b: torch.Tensor) -> torch.Tensor:
+    """A bias as the kernels read it (float32, contiguous; a float32 parameter is passed as it is)."""
+    return b if b.dtype == torch.float32 and b.is_contiguous() else b.detach().float().contiguous()
+
+
+def _gates_forward(g, e, biases, tail, head, la, lb, eid, num_heads, scale, norm):
+    """The gate kernels' forward: ``(src [E, H], mark [E, H], trans [L, H], direct [N, H], ntot, etot)`` (float32;
+    the last two: the P-mode group sums the backward reads). ``g``, ``e``: row views as :func:`_rows_view`."""
+    n, h = g.size(0), num_heads
+    ne, nl = tail.numel(), la.numel()
+    dev = g.device
+    g, g_rs = _rows_view(g)
+    has_e = e is not None
+    if has_e:
+        e, e_rs = _rows_view(e)
+    else:
+        e, e_rs = g, 0  # never read (HAS_E=False)
+    if norm:  # one zeroed allocation: the outputs (written whole) and the group sums (accumulated)
+        src, mark, trans, direct, ntot, etot = _split16([ne * h, ne * h, nl * h, n * h, n * h, ne * h],
+                                                        torch.float32, dev, zero=True)
+    else:
+        src, mark, trans, direct, ntot, etot = _split16([ne * h, ne * h, nl * h, n * h, 1, 1], torch.float32,
+                                                        dev, zero=False)
+    nb_e, nb_l, nb_n = _blocks(ne), _blocks(nl), _blocks(n)
+    hp = _pow2(h)
+    _jit(_fwd_kernel)[(max(1, nb_e + nb_l + nb_n),)](
+        g, g_rs, e, e_rs, eid if eid is not None else tail, *[_bias_arg(b) for b in biases], tail, head, la, lb,
+        src, mark, trans, direct, ntot, etot, n, ne, nl, h, nb_e, nb_l, float(scale),
+        HP=hp, BR=_ROWS, HAS_E=has_e, HAS_EID=eid is not None, NORM=bool(norm))
+    if norm and nb_e + nb_l:
+        _jit(_norm_kernel)[(nb_e + nb_l,)](src, trans, ntot, etot, tail, la, ne, nl, h, nb_e, HP=hp, BR=_ROWS)
+    src, mark, trans, direct = (t.view(-1, h) for t in (src, mark, trans, direct))
+    return src, mark, trans, direct, ntot, etot
+
+
+def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm, e_rows, has_eid, dg=None):
+    """The gate kernels' backward from the float32 gate gradients (``None``: zero): returns ``(dg [N, H * 8], de
+    [E_in, H * 4] or None, db [4, H])``, float32. ``saved``: ``(src, mark, trans, direct, ntot, etot, tail,
+    head, la, lb, eid)`` of the forward (``eid``: any index tensor when ``has_eid`` is false); ``e_rows``: rows
+    of the edge pre-activations (0: none). ``dg``: a
+    ZEROED ``[N, H * 8]`` float32 view with unit column stride to accumulate into (e.g. columns of a wider
+    gradient), else one is allocated."""
+    src, mark, trans, direct, ntot, etot, tail, head, la, lb, eid = saved
+    n, h = direct.shape
+    ne, nl = tail.numel(), la.numel()
+    dev = src.device
+    grads = [t if t is not None else torch.zeros_like(ref)
+             for t, ref in ((dsrc, src), (dmark, mark), (dtrans, trans), (ddirect, direct))]
+    dsrc, dmark, dtrans, ddirect = (t.contiguous() for t in grads)
+    sizes = ([n * h * 8] if dg is None else []) + [e_rows * h * 4, 4 * h] + ([n * h, ne * h] if norm else [1, 1])
+    bufs = _split16(sizes, torch.float32, dev, zero=True)
+    if dg is None:
+        dg = bufs.pop(0).view(n, h * 8)
+    de, db, nred, ered = bufs
+    nb_e, nb_l, nb_n = _blocks(ne), _blocks(nl), _blocks(n)
+    hp = _pow2(h)
+    if norm and nb_e + nb_l:
+        _jit(_bwd_reduce_kernel)[(nb_e + nb_l,)](src, trans, dsrc, dtrans, nred, ered, tail, la, ne, nl, h,
+                                                 nb_e, HP=hp, BR=_ROWS)
+    _jit(_bwd_kernel)[(max(1, nb_e + nb_l + nb_n),)](
+        src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, etot, nred, ered,
+        eid, tail, head, la, lb, dg, dg.stride(0), de if e_rows else dg, db,
+        n, ne, nl, h, nb_e, nb_l, float(scale),
+        HP=hp, BR=_ROWS, HAS_E=bool(e_rows), HAS_EID=has_eid, NORM=norm)
+    return dg, (de.view(e_rows, h * 4) if e_rows else None), db.view(4, h)
+
+
 class _GraphGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, e, b_s, b_m, b_t, b_d, tail, head, la, lb, eid, num_heads, scale, norm):
-        n, h = g.size(0), num_heads
-        ne, nl = tail.numel(), la.numel()
-        dev = g.device
-        g, g_rs = _rows_view(g)
-        has_e = e is not None
-        if has_e:
-            e, e_rs = _rows_view(e)
-        else:
-            e, e_rs = g, 0  # never read (HAS_E=False)
-        src, mark, trans, direct = _split16([ne * h, ne * h, nl * h, n * h], torch.float32, dev, zero=False)
-        ntot, etot = _split16([n * h, ne * h] if norm else [1, 1], torch.float32, dev, zero=True)
-        nb_e, nb_l, nb_n = _blocks(ne), _blocks(nl), _blocks(n)
-        hp = _pow2(h)
-        eid_arg = eid if eid is not None else tail
-        biases = [b.detach().float().contiguous() for b in (b_s, b_m, b_t, b_d)]
-        _jit(_fwd_kernel)[(max(1, nb_e + nb_l + nb_n),)](
-            g, g_rs, e, e_rs, eid_arg, *biases, tail, head, la, lb, src, mark, trans, direct, ntot, etot,
-            n, ne, nl, h, nb_e, nb_l, float(scale),
-            HP=hp, BR=_ROWS, HAS_E=has_e, HAS_EID=eid is not None, NORM=bool(norm))
-        if norm and nb_e + nb_l:
-            _jit(_norm_kernel)[(nb_e + nb_l,)](src, trans, ntot, etot, tail, la, ne, nl, h, nb_e, HP=hp, BR=_ROWS)
-        src, mark, trans, direct = (t.view(-1, h) for t in (src, mark, trans, direct))
-        ctx.save_for_backward(src, mark, trans, direct, ntot, etot, tail, head, la, lb,
-                              eid if eid is not None else tail)
-        ctx.meta = (n, h, scale, bool(norm), has_e, eid is not None, e.size(0) if has_e else 0,
-                    g.dtype, e.dtype if has_e else None)
+        out = _gates_forward(g, e, (b_s, b_m, b_t, b_d), tail, head, la, lb, eid, num_heads, scale, norm)
+        ctx.save_for_backward(*out, tail, head, la, lb, eid if eid is not None else tail)
+        ctx.meta = (num_heads, scale, bool(norm), e.size(0) if e is not None else 0, eid is not None, g.dtype,
+                    e.dtype if e is not None else None)
+        src, mark, trans, direct = out[:4]
         return src, trans, mark, direct
 
     @staticmethod
     def backward(ctx, dsrc, dtrans, dmark, ddirect):
-        src, mark, trans, direct, ntot, etot, tail, head, la, lb, eid = ctx.saved_tensors
-        n, h, scale, norm, has_e, has_eid, e_rows, g_dtype, e_dtype = ctx.meta
-        ne, nl = tail.numel(), la.numel()
-        dev = src.device
-        grads = [t if t is not None else torch.zeros_like(ref)
-                 for t, ref in ((dsrc, src), (dmark, mark), (dtrans, trans), (ddirect, direct))]
-        dsrc, dmark, dtrans, ddirect = (t.contiguous() for t in grads)
-        sizes = [n * h * 8, e_rows * h * 4, 4 * h] + ([n * h, ne * h] if norm else [1, 1])
-        dg, de, db, nred, ered = _split16(sizes, torch.float32, dev, zero=True)
-        nb_e, nb_l, nb_n = _blocks(ne), _blocks(nl), _blocks(n)
-        hp = _pow2(h)
-        if norm and nb_e + nb_l:
-            _jit(_bwd_reduce_kernel)[(nb_e + nb_l,)](src, trans, dsrc, dtrans, nred, ered, tail, la, ne, nl, h,
-                                                     nb_e, HP=hp, BR=_ROWS)
-        _jit(_bwd_kernel)[(max(1, nb_e + nb_l + nb_n),)](
-            src, mark, trans, direct, dsrc, dmark, dtrans, ddirect, ntot, etot, nred, ered,
-            eid, tail, head, la, lb, dg, de if has_e else dg, db,
-            n, ne, nl, h, nb_e, nb_l, float(scale),
-            HP=hp, BR=_ROWS, HAS_E=has_e, HAS_EID=has_eid, NORM=norm)
-        dg = dg.view(n, h * 8).to(g_dtype)
-        de = de.view(e_rows, h * 4).to(e_dtype) if has_e else None
-        dbs = db.view(4, h)
-        return (dg, de, dbs[0], dbs[1], dbs[2], dbs[3]) + (None,) * 8
+        h, scale, norm, e_rows, has_eid, g_dtype, e_dtype = ctx.meta
+        dg, de, dbs = _gates_backward(ctx.saved_tensors, dsrc, dmark, dtrans, ddirect, h, scale, norm, e_rows,
+                                      has_eid)
+        return (dg.to(g_dtype), de.to(e_dtype) if de is not None else None, dbs[0], dbs[1], dbs[2], dbs[3]) \
+            + (None,) * 8
 
 
 def graph_gates_triton(

@@ -122,11 +122,11 @@ class LocalBondMix(nn.Module):
     def residual_add(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: Optional[torch.Tensor] = None,
                      input_edge_ids: Optional[torch.Tensor] = None, edge_preact: Optional[torch.Tensor] = None,
                      both_directions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                     base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``base + self(h, ...)`` (``base`` defaults to ``h``), with the edge rows of ``edge_attr`` /
-        ``edge_preact`` (``[E_in, .]``) picked by ``input_edge_ids`` (``None``: row ``j`` for edge ``j``). On
-        CUDA one fused Triton kernel each way (:mod:`plstm_graph.kernels.local_mix`, see :meth:`use_kernel`);
-        else the readable form above."""
+                     base: Optional[torch.Tensor] = None, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``base + self(h, ...)`` (``base`` defaults to ``h``; with ``eps``, a one-element tensor, it is GIN's
+        ``(1 + eps) * h``), with the edge rows of ``edge_attr`` / ``edge_preact`` (``[E_in, .]``) picked by
+        ``input_edge_ids`` (``None``: row ``j`` for edge ``j``). On CUDA one fused Triton kernel each way
+        (:mod:`plstm_graph.kernels.local_mix`, see :meth:`use_kernel`); else the readable form above."""
         if self.edge is not None and edge_attr is None and edge_preact is None:
             raise ValueError("LocalBondMix was built with edge_dim; pass edge_attr")
         if self.use_kernel(h):
@@ -138,7 +138,10 @@ class LocalBondMix(nn.Module):
                 if pre is None:
                     ea = edge_attr if edge_attr.dim() > 1 else edge_attr[:, None]
                     pre = self.edge(ea.to(h.dtype))
-            return local_mix_triton(h, edge_index, pre, input_edge_ids, base=base, activation=self.activation)
+            return local_mix_triton(h, edge_index, pre, input_edge_ids, base=base, activation=self.activation,
+                                    eps=eps)
+        if eps is not None:
+            base = h * (1 + eps)
         if input_edge_ids is not None:
             edge_attr = edge_attr[input_edge_ids] if edge_attr is not None else None
             edge_preact = edge_preact[input_edge_ids] if edge_preact is not None else None
@@ -236,9 +239,9 @@ class PLSTMGraphBlock(nn.Module):
         if self.local is not None:
             sched = resolve_schedule(schedule, self.layer.mode, self.layer.reverse)
             ids = sched.input_edge_ids if edge_attr is not None else None
-            base = h * (1 + self.gine_eps) if gin_like else None
             h = self.local.residual_add(h, sched.edge_index, edge_attr, ids, edge_preact,
-                                        both_directions=sched.both_directions(), base=base)
+                                        both_directions=sched.both_directions(),
+                                        eps=self.gine_eps if gin_like else None)
         return h
 
 

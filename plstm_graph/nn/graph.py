@@ -374,8 +374,23 @@ class PLSTMGraphLayer(nn.Module):
         Shapes: x ``[N, dim]`` -> ``[N, H*K]`` x 3 and ``[N, H*8]`` (column slices of one ``[N, 3*H*K + 8*H]``).
         """
         mods = (self.q_proj, self.k_proj, self.v_proj, self.gate_node)
-        weight = torch.cat([m.weight for m in mods])
-        return nn.functional.linear(x, weight).split([m.out_features for m in mods], dim=-1)
+        return self._projection(x).split([m.out_features for m in mods], dim=-1)
+
+    def _projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, 3*H*K + 8*H]``: the unsplit product of :meth:`project`."""
+        weight = torch.cat([m.weight for m in (self.q_proj, self.k_proj, self.v_proj, self.gate_node)])
+        return nn.functional.linear(x, weight)
+
+    def _merged_heads(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`heads` runs as one fused Function (:mod:`plstm_graph.kernels.graph_heads`): the fused
+        gates (``fused_gates``) and the Triton operator (``backend="triton"``, or ``"auto"`` on CUDA)."""
+        if not self._fused_gates(x):
+            return False
+        if self.backend == "auto":
+            from ..ops.dag import _triton_dag_available
+
+            return x.is_cuda and _triton_dag_available()
+        return self.backend == "triton"
 
     def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,
               edge_preact: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -383,6 +398,13 @@ class PLSTMGraphLayer(nn.Module):
         ``edge_preact``: ``gate_edge(edge_attr)`` if the caller already has it (see :meth:`_edge_features`)."""
         schedule = resolve_schedule(schedule, self.mode, self.reverse)
         n, h, hd = x.size(0), self.num_heads, self.head_dim
+        if self._merged_heads(x):  # projection -> gates -> operator in one Function (same numbers; tested)
+            from ..kernels.graph_heads import graph_heads_triton
+
+            biases = (self.source_bias, self.mark_bias, self.transition_bias, self.direct_bias)
+            return graph_heads_triton(
+                self._projection(x), self._edge_features(edge_attr, schedule, edge_preact), biases, schedule, h, hd,
+                hd ** -0.5, self.transition_scale, self.mode == "P" and self.normalize, recompute=self.recompute)
         q, k, v, g = self.project(x)
         gates = self._gates(x, schedule, edge_attr, node_preact=g, edge_preact=edge_preact)
         q = q.view(n, h, hd) * (hd ** -0.5)

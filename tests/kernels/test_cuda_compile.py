@@ -4,7 +4,7 @@ The interpreter tests (``TRITON_INTERPRET=1``) run the kernels' Python, which ac
 rejects: twice a kernel called a plain helper function (not ``@triton.jit``) and passed every CPU test, then
 failed on the H200 at the first launch. This test runs Triton's real compiler front end and code generation
 (``triton.compile`` with a CUDA target, down to a cubin through the ptxas that ships with triton) on every
-kernel of ``kernels/graph_gates.py``, ``kernels/local_mix.py`` and the DAG backward's direct term, with the
+kernel of ``kernels/graph_gates.py``, ``kernels/local_mix.py`` and ``kernels/dag.py``, with the
 argument types and constexpr variants the layers launch. It runs in a subprocess with ``TRITON_INTERPRET=0``:
 triton's own library functions (``tl.sigmoid``) are bound to the interpreter when triton is imported under
 ``=1``, as the other kernel tests do. Skipped where triton has no CUDA backend.
@@ -24,7 +24,7 @@ def test_molecule_kernels_compile_for_the_gpu():
     if res.returncode == 3:
         pytest.skip(res.stdout.strip().splitlines()[-1])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    assert res.stdout.count("compiled") == 11, res.stdout
+    assert res.stdout.count("compiled") == 14, res.stdout
 
 
 P, B, IDX = "*fp32", "*bf16", "*i64"
@@ -79,7 +79,7 @@ def graph_gate_kernels(norm):
     _compile(kg, "_fwd_kernel", fwd, dict(flags, HAS_E=True, HAS_EID=True, NORM=norm))
     bwd = _types(pointers=("src", "mark", "trans", "direct", "dsrc", "dmark", "dtrans", "ddirect", "ntot", "etot",
                            "nred", "ered", "dg", "de", "db"), index=("eid", "tail", "head", "la", "lb"),
-                 ints=("N", "E", "L", "H", "nb_e", "nb_l"), floats=("scale",))
+                 ints=("dg_rs", "N", "E", "L", "H", "nb_e", "nb_l"), floats=("scale",))
     _compile(kg, "_bwd_kernel", bwd, dict(flags, HAS_E=True, HAS_EID=True, NORM=norm))
     if norm:
         _compile(kg, "_norm_kernel", _types(pointers=("src", "trans", "ntot", "etot"), index=("tail", "la"),
@@ -99,12 +99,30 @@ def local_mix_kernels(relu):
                                        index=("eid", "tail", "head"), ints=("p_rs", "E", "D")), flags)
 
 
-def dag_direct_backward_kernel():
+def dag_kernels():
+    """The DAG operator's kernels with row-strided q, k, v (read in place from the layer's projection) and the
+    q scale (``kernels.graph_heads``)."""
     from plstm_graph.kernels import dag as kd
 
+    strides = ("q_rs", "k_rs", "v_rs")
     _compile(kd, "_direct_bwd_kernel", _types(pointers=("direct", "dq", "dk", "dv", "ddirect"),
-                                              bf16=("q", "k", "v", "dy"), ints=("R",)),
+                                              bf16=("q", "k", "v", "dy"),
+                                              ints=("R", "H") + strides + ("dq_rs", "dk_rs", "dv_rs"),
+                                              floats=("qs",)),
              dict(K=16, V=16, BK=16, BV=16, BR=16))
+    index = ("tails", "heads", "e_items", "e_pptr", "in_ptr", "in_pos", "in_line", "n_items", "n_pptr", "nin_ptr",
+             "nin_pos", "out_ptr", "out_pos", "out_line", "slot_of")
+    i32 = {n: "*i32" for n in index}
+    fwd = dict(_types(pointers=("src", "trans", "mark", "direct", "y", "state"), ints=("e_base", "n_base",
+                      "slot_base", "H") + strides, floats=("qs",)), q="*fp32", k="*fp32", v="*fp32", **i32)
+    for edges in (True, False):
+        _compile(kd, "_fwd_kernel", fwd, dict(K=16, V=16, BK=16, BV=16, DO_EDGES=edges, DO_NODES=not edges,
+                                              USE_SLOTS=False))
+    bwd = dict(_types(pointers=("q", "k", "v", "src", "trans", "mark", "dy", "state", "dstate", "dq", "dk", "dv",
+                                "dsrc", "dtrans", "dmark"),
+                      ints=("e_base", "slot_base", "H") + strides + ("dq_rs", "dk_rs", "dv_rs"), floats=("qs",)),
+               **i32)
+    _compile(kd, "_bwd_kernel", bwd, dict(K=16, V=16, BK=16, BV=16, USE_SLOTS=False))
 
 
 if __name__ == "__main__":  # the subprocess of the test above (TRITON_INTERPRET=0)
@@ -112,7 +130,7 @@ if __name__ == "__main__":  # the subprocess of the test above (TRITON_INTERPRET
         for flag in (True, False):
             graph_gate_kernels(flag)
             local_mix_kernels(flag)
-        dag_direct_backward_kernel()
+        dag_kernels()
     except NoCudaBackend as err:
         print(err)
         sys.exit(3)

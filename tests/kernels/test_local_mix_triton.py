@@ -85,8 +85,10 @@ def test_fused_local_mix_bf16_input_and_no_edges():
     torch.testing.assert_close(g, torch.ones_like(x))
 
 
-def test_fused_gine_aggregation_matches_readable():
-    """local_mix="gine": ReLU messages added to a separate base ``(1 + eps) h`` (gradients to both)."""
+@pytest.mark.parametrize("self_term", ["base", "eps"])
+def test_fused_gine_aggregation_matches_readable(self_term):
+    """local_mix="gine": ReLU messages added to a separate base ``(1 + eps) h`` (gradients to both), passed as a
+    tensor or made inside the Function from ``eps`` (what the blocks do); both against the readable form."""
     s = compile_dag(random_dag(30, 0.2, 4), num_nodes=30, mode="P", device=DEVICE)
     torch.manual_seed(5)
     mix = LocalBondMix(8, 3, activation="relu").to(DEVICE)
@@ -97,11 +99,20 @@ def test_fused_gine_aggregation_matches_readable():
     for fused in (True, False):
         mix.fused = fused
         h = h0.clone().requires_grad_(True)
-        out = mix.residual_add(h, s.edge_index, ea, None, None, base=h * (1 + eps),
-                               both_directions=None if fused else s.both_directions())
+        self_kw = dict(base=h * (1 + eps)) if self_term == "base" or not fused else dict(eps=eps)
+        out = mix.residual_add(h, s.edge_index, ea, None, None,
+                               both_directions=None if fused else s.both_directions(), **self_kw)
         w = torch.randn_like(out, generator=torch.Generator(DEVICE).manual_seed(0))
         outs.append((out, torch.autograd.grad((out * w).sum(), [h, eps] + list(mix.parameters()))))
     (a, ga), (b, gb) = outs
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_local_mix_takes_base_or_eps():
+    from plstm_graph.kernels.local_mix import local_mix_triton
+
+    h = torch.zeros(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="base or eps, not both"):
+        local_mix_triton(h, torch.tensor([[0], [1]], device=DEVICE), base=h, eps=torch.zeros(1, device=DEVICE))
