@@ -63,7 +63,8 @@ def _build(spec: str, args):
         (model_kw if key in ("local_mix", "layer_scale") else layer_kw)[key.strip()] = value
     if layer_kw:
         model_kw["plstm_kwargs"] = layer_kw
-    return MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads, **model_kw)
+    return MoleculeModel(name, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                         dropout=args.dropout, **model_kw)
 
 
 def throughput(args) -> None:
@@ -129,8 +130,8 @@ def throughput(args) -> None:
                 breakdown.setdefault(name, []).append(parts)
     gin = statistics.median(times["gin"]) if "gin" in times else None
     print(f"{args.dataset}: {len(graphs)} molecules/epoch, batch {args.batch_size}, hidden {args.hidden}, "
-          f"{args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, threads {torch.get_num_threads()}, "
-          f"loader workers {args.num_workers}")
+          f"dropout {args.dropout}, {args.layers} layers, device {device}{' (bf16 autocast)' if amp else ''}, "
+          f"threads {torch.get_num_threads()}, loader workers {args.num_workers}")
     print("| model | params | s/epoch (median) | x GIN |")
     print("|---|---|---|---|")
     for name, ts in times.items():
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     a.add_argument("--out", default="runs/bench-molecules")
     t = sub.choices["throughput"]
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout of both models (default 0.1, the training CLI's; before 2026-11-29: 0)")
     t.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for every model (one kernel for all parameters; CUDA or CPU)")
     t.add_argument("--breakdown", action="store_true",

@@ -407,10 +407,13 @@ def _run_fwd(q, k, v, src, trans, mark, direct, schedule, plan, strategy, y, sta
 
     if strategy == "graph":
         g0, g1 = g_range
-        slot_base = int(P["e_pptr_cpu"][g0])
-        if g1 > g0 and P["e_pptr_cpu"][g1] > slot_base:
+        if g0 == 0 and g1 == P["num_progs"]:  # every graph (no recompute chunks): no host tensor reads
+            slot_base, e1, n0, n1 = 0, schedule.num_edges, 0, schedule.num_nodes
+        else:
+            slot_base, e1 = int(P["e_pptr_cpu"][g0]), int(P["e_pptr_cpu"][g1])
+            n0, n1 = int(P["n_pptr_cpu"][g0]), int(P["n_pptr_cpu"][g1])
+        if g1 > g0 and e1 > slot_base:
             launch((g1 - g0, H), g0, 0, slot_base, True, False)  # one program walks one graph's edges
-        n0, n1 = int(P["n_pptr_cpu"][g0]), int(P["n_pptr_cpu"][g1])
         if nodes and n1 > n0:  # readouts are independent: one node per program
             launch((n1 - n0, H), 0, n0, slot_base, False, True, n_pptr="n_unit")
         return
@@ -446,7 +449,7 @@ def _run_bwd(q, k, v, src, trans, mark, dy, schedule, plan, strategy, state, dst
 
     if strategy == "graph":
         g0, g1 = g_range
-        launch((g1 - g0, H), g0, int(P["e_pptr_cpu"][g0]))
+        launch((g1 - g0, H), g0, int(P["e_pptr_cpu"][g0]) if g0 else 0)
         return
     l0, l1 = lvl_range if lvl_range is not None else (0, schedule.num_levels)
     ptr = schedule.edge_ptr
@@ -677,10 +680,11 @@ def _dag_forward(ctx, q, k, v, source, transition, mark, direct, schedule, recom
     return y, state
 
 
-def _dag_backward(ctx, q, k, v, source, transition, mark, direct, state, dy, dq, dk, dv, qs: float = 1.0):
+def _dag_backward(ctx, q, k, v, source, transition, mark, direct, state, dy, dq, dk, dv, qs: float = 1.0,
+                  zero: Optional[torch.Tensor] = None):
     """The backward of :class:`_PLSTMDagTriton`: writes ``dq, dk, dv`` (float32, laid out as :func:`_rows`
     allows; every element is written) and returns float32 ``(dsrc [E, H], dtrans [L, H], dmark [E, H],
-    ddirect [N, H])``."""
+    ddirect [N, H])``, views of ``zero`` (a zeroed float32 ``[(2 E + L + N) H]``; allocated if ``None``)."""
     schedule, strategy = ctx.schedule, ctx.strategy
     dy = dy.contiguous()
     n, H, K = q.shape
@@ -691,7 +695,8 @@ def _dag_backward(ctx, q, k, v, source, transition, mark, direct, state, dy, dq,
     # the direct term starts dq, dk, dv (one launch: _direct_bwd_kernel), the edge kernels accumulate on
     # top; the gate gradients start at zero (one allocation)
     L = schedule.num_line_edges
-    zero = torch.zeros((2 * E + L + n) * H, **f32)
+    if zero is None:
+        zero = torch.zeros((2 * E + L + n) * H, **f32)
     dsrc, dtrans = zero[: E * H].view(E, H), zero[E * H: (E + L) * H].view(L, H)
     dmark, ddirect = zero[(E + L) * H: (2 * E + L) * H].view(E, H), zero[(2 * E + L) * H:].view(n, H)
     if n:

@@ -348,13 +348,21 @@ def _gates_forward(g, e, biases, tail, head, la, lb, eid, num_heads, scale, norm
     return src, mark, trans, direct, ntot, etot
 
 
-def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm, e_rows, has_eid, dg=None):
+def _backward_sizes(n, ne, h, norm, e_rows):
+    """Element counts of the zeroed buffers :func:`_gates_backward` uses besides ``dg``: ``de``, ``db`` and the
+    P-mode group reductions."""
+    return [e_rows * h * 4, 4 * h] + ([n * h, ne * h] if norm else [1, 1])
+
+
+def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm, e_rows, has_eid, dg=None,
+                    bufs=None):
     """The gate kernels' backward from the float32 gate gradients (``None``: zero): returns ``(dg [N, H * 8], de
     [E_in, H * 4] or None, db [4, H])``, float32. ``saved``: ``(src, mark, trans, direct, ntot, etot, tail,
     head, la, lb, eid)`` of the forward (``eid``: any index tensor when ``has_eid`` is false); ``e_rows``: rows
     of the edge pre-activations (0: none). ``dg``: a
     ZEROED ``[N, H * 8]`` float32 view with unit column stride to accumulate into (e.g. columns of a wider
-    gradient), else one is allocated."""
+    gradient), else one is allocated; ``bufs``: zeroed float32 buffers of :func:`_backward_sizes` (else
+    allocated)."""
     src, mark, trans, direct, ntot, etot, tail, head, la, lb, eid = saved
     n, h = direct.shape
     ne, nl = tail.numel(), la.numel()
@@ -362,10 +370,11 @@ def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm,
     grads = [t if t is not None else torch.zeros_like(ref)
              for t, ref in ((dsrc, src), (dmark, mark), (dtrans, trans), (ddirect, direct))]
     dsrc, dmark, dtrans, ddirect = (t.contiguous() for t in grads)
-    sizes = ([n * h * 8] if dg is None else []) + [e_rows * h * 4, 4 * h] + ([n * h, ne * h] if norm else [1, 1])
-    bufs = _split16(sizes, torch.float32, dev, zero=True)
-    if dg is None:
-        dg = bufs.pop(0).view(n, h * 8)
+    if bufs is None or dg is None:
+        sizes = ([n * h * 8] if dg is None else []) + _backward_sizes(n, ne, h, norm, e_rows)
+        bufs = _split16(sizes, torch.float32, dev, zero=True)
+        if dg is None:
+            dg = bufs.pop(0).view(n, h * 8)
     de, db, nred, ered = bufs
     nb_e, nb_l, nb_n = _blocks(ne), _blocks(nl), _blocks(n)
     hp = _pow2(h)

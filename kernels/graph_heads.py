@@ -15,8 +15,9 @@ of those is a few microseconds of GPU work behind ~15-20 us of host time, and th
 
 * the DAG kernels read ``q, k, v`` in place from ``P`` (row stride ``3 H K + 8 H``) and scale ``q`` as they
   load it; the gate kernels read ``g`` in place;
-* the backward allocates ONE zeroed ``dP``: the DAG backward writes ``dq, dk, dv`` into its columns (with
-  the ``K^-0.5`` of ``dq`` applied in the kernels), the gate backward accumulates ``dg`` into the rest;
+* the backward allocates ONE zeroed buffer: ``dP`` (the DAG backward writes ``dq, dk, dv`` into its columns,
+  with the ``K^-0.5`` of ``dq`` applied in the kernels, and the gate backward accumulates ``dg`` into the
+  rest), the gate gradients between the two backward passes, and the gate kernels' edge, bias and group sums;
 * one Function instead of two: one ``apply`` and one Python backward per layer call.
 
 The same kernels as the two-Function path do the work; the tests compare this Function with the readable
@@ -62,12 +63,17 @@ class _GraphHeads(torch.autograd.Function):
         src, mark, trans, direct = gates[:4]
         n, hk = p.size(0), h * hd
         q, k, v = (p[:, i * hk:(i + 1) * hk].view(n, h, hd) for i in range(3))
-        dp = torch.zeros(n, p.size(1), dtype=torch.float32, device=p.device)  # dq, dk, dv written; dg accumulated
+        ne, nl = src.size(0), trans.size(0)
+        # ONE zeroed allocation: dP (dq, dk, dv written, dg accumulated), the gate gradients, the gate kernels'
+        # edge / bias gradients and group reductions
+        sizes = [n * p.size(1), (2 * ne + nl + n) * h] + _kg._backward_sizes(n, ne, h, norm, e_rows)
+        dp, zero, *bufs = _kg._split16(sizes, torch.float32, p.device, zero=True)
+        dp = dp.view(n, p.size(1))
         dq, dk, dv = (dp[:, i * hk:(i + 1) * hk].view(n, h, hd) for i in range(3))
         dsrc, dtrans, dmark, ddirect = _kd._dag_backward(ctx, q, k, v, src, trans, mark, direct, state, dy, dq, dk,
-                                                         dv, qs=q_scale)
+                                                         dv, qs=q_scale, zero=zero)
         _, de, db = _kg._gates_backward(gates, dsrc, dmark, dtrans, ddirect, h, t_scale, norm, e_rows, has_eid,
-                                        dg=dp[:, 3 * hk:])
+                                        dg=dp[:, 3 * hk:], bufs=bufs)
         return ((dp.to(p.dtype), de.to(e_dtype) if de is not None else None, db[0], db[1], db[2], db[3])
                 + (None,) * 14)
 
