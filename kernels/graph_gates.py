@@ -357,9 +357,9 @@ def _backward_sizes(n, ne, h, norm, e_rows):
 def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm, e_rows, has_eid, dg=None,
                     bufs=None):
     """The gate kernels' backward from the float32 gate gradients (``None``: zero): returns ``(dg [N, H * 8], de
-    [E_in, H * 4] or None, db [4, H])``, float32. ``saved``: ``(src, mark, trans, direct, ntot, etot, tail,
-    head, la, lb, eid)`` of the forward (``eid``: any index tensor when ``has_eid`` is false); ``e_rows``: rows
-    of the edge pre-activations (0: none). ``dg``: a
+    [E_in, H * 4], db [4, H])``, float32 (``de`` without rows when there are no edge pre-activations). ``saved``:
+    ``(src, mark, trans, direct, ntot, etot, tail, head, la, lb, eid)`` of the forward (``eid``: any index tensor
+    when ``has_eid`` is false); ``e_rows``: rows of the edge pre-activations (0: none). ``dg``: a
     ZEROED ``[N, H * 8]`` float32 view with unit column stride to accumulate into (e.g. columns of a wider
     gradient), else one is allocated; ``bufs``: zeroed float32 buffers of :func:`_backward_sizes` (else
     allocated)."""
@@ -386,7 +386,7 @@ def _gates_backward(saved, dsrc, dmark, dtrans, ddirect, num_heads, scale, norm,
         eid, tail, head, la, lb, dg, dg.stride(0), de if e_rows else dg, db,
         n, ne, nl, h, nb_e, nb_l, float(scale),
         HP=hp, BR=_ROWS, HAS_E=bool(e_rows), HAS_EID=has_eid, NORM=norm)
-    return dg, (de.view(e_rows, h * 4) if e_rows else None), db.view(4, h)
+    return dg, de.view(e_rows, h * 4), db.view(4, h)
 
 
 class _GraphGates(torch.autograd.Function):
@@ -404,7 +404,7 @@ class _GraphGates(torch.autograd.Function):
         h, scale, norm, e_rows, has_eid, g_dtype, e_dtype = ctx.meta
         dg, de, dbs = _gates_backward(ctx.saved_tensors, dsrc, dmark, dtrans, ddirect, h, scale, norm, e_rows,
                                       has_eid)
-        return (dg.to(g_dtype), de.to(e_dtype) if de is not None else None, dbs[0], dbs[1], dbs[2], dbs[3]) \
+        return (dg.to(g_dtype), de.to(e_dtype) if e_dtype is not None else None, dbs[0], dbs[1], dbs[2], dbs[3]) \
             + (None,) * 8
 
 

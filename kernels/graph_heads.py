@@ -74,7 +74,7 @@ class _GraphHeads(torch.autograd.Function):
                                                          dv, qs=q_scale, zero=zero)
         _, de, db = _kg._gates_backward(gates, dsrc, dmark, dtrans, ddirect, h, t_scale, norm, e_rows, has_eid,
                                         dg=dp[:, 3 * hk:], bufs=bufs)
-        return ((dp.to(p.dtype), de.to(e_dtype) if de is not None else None, db[0], db[1], db[2], db[3])
+        return ((dp.to(p.dtype), de.to(e_dtype) if e_dtype is not None else None, db[0], db[1], db[2], db[3])
                 + (None,) * 14)
 
 
