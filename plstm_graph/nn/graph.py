@@ -168,7 +168,9 @@ class PLSTMGraphLayer(nn.Module):
             (two launches forward, two backward, instead of ~31 and ~55 small ones). ``None`` (default): on
             CUDA when triton is installed; ``True``: always (on CPU only under ``TRITON_INTERPRET=1``);
             ``False``: the readable torch form (:meth:`gates` documents both). float64 inputs and
-            ``torch.compile`` always take the readable form.
+            ``torch.compile`` always take the readable form. With the Triton operator too (``backend="triton"``,
+            or ``"auto"`` on CUDA), projection, gates and operator run as ONE autograd Function
+            (:mod:`plstm_graph.kernels.graph_heads`: ``q, k, v`` read in place, one gradient buffer; tested equal).
         autocast: ``True`` (default): under an enclosing ``torch.autocast`` the projections run in its low
             precision (the gates and the operator's states stay float32 either way); ``False``: the layer
             computes in float32 whatever the autocast state (its input is upcast, its output is float32).
