@@ -15,7 +15,8 @@
     python benchmarks/molecules.py throughput --dataset freesolv --device cuda --models plstm "plstm[autocast=True]" gin
 
 ``accuracy`` is ``plstm-graph compare`` with the given budget; it prints the markdown table and writes
-``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN.
+``OUT/compare.{json,md,png}``. ``throughput`` prints a table of median seconds per epoch and the ratio to GIN;
+both models are built with the training CLI's dropout (0.1; ``--dropout``, 0 before 2026-11-29's third session).
 """
 from __future__ import annotations
 
