@@ -163,7 +163,8 @@ def local_mix_triton(h: torch.Tensor, edge_index: torch.Tensor, edge_preact: Opt
     """``base + LocalBondMix(h)`` (``base`` defaults to ``h``): the activated messages of every node's bonded
     neighbours, both directions of every edge, added to ``base`` (see the module docstring). ``eps`` (a
     one-element tensor, instead of ``base``): the base is GIN's self term ``(1 + eps) * h``, made inside the
-    Function (gradient to ``eps`` included): two launches fewer each way than passing ``h * (1 + eps)``.
+    Function (gradient to ``eps`` included): one launch fewer forward and two backward than passing
+    ``h * (1 + eps)`` as ``base``.
 
     Shapes: h, base ``[N, D]``; edge_index ``[2, E]``; edge_preact ``[E_in, D]`` (the block's edge projection,
     row ``input_edge_ids[j]`` for edge ``j``, row ``j`` when ``input_edge_ids`` is ``None``; a column slice of a
