@@ -203,9 +203,9 @@ _ALIGN = 64  # bytes; every packed tensor starts aligned (Triton specialises ker
 def _pack_host(tensors: Sequence[torch.Tensor], pin: bool = False):
     """The bytes of CPU ``tensors`` in ONE uint8 buffer (pinned with ``pin``), grouped by dtype, every tensor
     starting on a 64-byte boundary. Returns ``(buffer, groups, slots)``: ``groups`` per dtype ``(dtype, byte
-    offset, [numel of each piece])`` (the pieces are the dtype's tensors and the padding after them) and
-    ``slots[i] = (group, piece, shape)`` of ``tensors[i]``; :func:`_group_views` turns a copy of the buffer
-    back into tensors."""
+    offset, numel)`` and ``slots[i] = (group, element offset in the group, shape, contiguous strides)`` of
+    ``tensors[i]``: :func:`_slot_view` makes each tensor back from a copy of the buffer with one ``as_strided``
+    of its group (:func:`_typed`)."""
     by_dtype: Dict[torch.dtype, List[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
@@ -215,33 +215,37 @@ def _pack_host(tensors: Sequence[torch.Tensor], pin: bool = False):
     pad = torch.zeros(_ALIGN, dtype=torch.uint8)
     for dt, idx in by_dtype.items():
         size = torch.empty(0, dtype=dt).element_size()
-        numels, start = [], off
+        start = off
         for i in idx:
             t = tensors[i].detach().contiguous()
-            slots[i] = (len(groups), len(numels), tuple(t.shape))
-            numels.append(t.numel())
+            slots[i] = (len(groups), (off - start) // size, tuple(t.shape), t.stride())
             if t.numel():
                 pieces.append(t.view(-1).view(torch.uint8))
                 off += t.numel() * size
-            if off % _ALIGN:
-                gap = _ALIGN - off % _ALIGN
-                pieces.append(pad[:gap])
-                off += gap
-                numels.append(gap // size)  # _ALIGN is a multiple of every element size
-        groups.append((dt, start, numels))
+            if off % _ALIGN:  # _ALIGN is a multiple of every element size
+                pieces.append(pad[:_ALIGN - off % _ALIGN])
+                off += _ALIGN - off % _ALIGN
+        groups.append((dt, start, (off - start) // size))
     buffer = torch.empty(off, dtype=torch.uint8, pin_memory=pin and off > 0)
     if pieces:
         torch.cat(pieces, out=buffer)
     return buffer, groups, slots
 
 
-def _group_views(buf: torch.Tensor, groups) -> List[List[torch.Tensor]]:
-    """Per group of :func:`_pack_host`, the flat views of its pieces in ``buf`` (one ``split`` per dtype)."""
+def _typed(buf: torch.Tensor, groups) -> List[torch.Tensor]:
+    """Per group of :func:`_pack_host`, its bytes in ``buf`` (or a copy of it) viewed as the group's dtype."""
     out = []
-    for dt, start, numels in groups:
+    for dt, start, numel in groups:
         size = torch.empty(0, dtype=dt).element_size()
-        out.append(list(torch.split(buf[start: start + sum(numels) * size].view(dt), numels)))
+        out.append(buf[start: start + numel * size].view(dt))
     return out
+
+
+def _slot_view(typed: List[torch.Tensor], slot) -> torch.Tensor:
+    """The tensor of one :func:`_pack_host` slot, a view of its group in ``typed`` (:func:`_typed`)."""
+    g, off, shape, strides = slot
+    base = typed[g]
+    return base.as_strided(shape, strides, base.storage_offset() + off)
 
 
 def _pack_to(tensors: Sequence[torch.Tensor], device: torch.device, pin: bool) -> List[torch.Tensor]:
@@ -249,8 +253,8 @@ def _pack_to(tensors: Sequence[torch.Tensor], device: torch.device, pin: bool) -
     buffer (:func:`_pack_host`), copied asynchronously, and every result is a contiguous view of the device
     buffer."""
     host, groups, slots = _pack_host(tensors, pin=pin)
-    views = _group_views(host.to(device, non_blocking=True), groups)
-    return [views[g][p].view(shape) for g, p, shape in slots]
+    typed = _typed(host.to(device, non_blocking=True), groups)
+    return [_slot_view(typed, slot) for slot in slots]
 
 
 def _wants_paths(device: torch.device, backends: Set[str]) -> Optional[str]:

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .batching import (ScheduleKeys, _build_schedules, _pack_host, _wants_paths, _wants_triton_plans,
-                       schedule_requirements)
+from .batching import (ScheduleKeys, _build_schedules, _pack_host, _slot_view, _typed, _wants_paths,
+                       _wants_triton_plans, schedule_requirements)
 
 __all__ = ["PackedBatch", "PrepareCollate"]
 
@@ -66,35 +66,6 @@ def _host_tensors_apart(obj, device_ids: set):
     return obj
 
 
-def _layout(groups: list, slots: list) -> list:
-    """Per slot ``(group, element offset in the group, shape, contiguous strides)``, from :func:`_pack_host`'s
-    ``groups`` (piece sizes in elements) and ``slots``."""
-    starts = []
-    for _, _, numels in groups:
-        offs, o = [], 0
-        for k in numels:
-            offs.append(o)
-            o += k
-        starts.append(offs)
-    out = []
-    for g, p, shape in slots:
-        strides, acc = [], 1
-        for d in reversed(shape):
-            strides.append(acc)
-            acc *= max(int(d), 1)
-        out.append((g, starts[g][p], tuple(shape), tuple(reversed(strides))))
-    return out
-
-
-def _typed(buf: torch.Tensor, groups: list) -> List[torch.Tensor]:
-    """Per group of :func:`_pack_host`, its bytes in ``buf`` viewed as the group's dtype (one view each)."""
-    out = []
-    for dt, start, numels in groups:
-        size = torch.empty(0, dtype=dt).element_size()
-        out.append(buf[start: start + sum(numels) * size].view(dt))
-    return out
-
-
 class PackedBatch:
     """A collated (and prepared) PyG batch as one byte buffer and a tensor-free pickled skeleton.
 
@@ -108,18 +79,13 @@ class PackedBatch:
     Attributes:
         buffer: ``[nbytes]`` uint8 on the CPU (pinned after :meth:`pin_memory`).
         skeleton: the pickled batch with every tensor replaced by a slot number.
-        groups: per dtype, ``(dtype, byte offset, [numel of each piece])``: the pieces are the dtype's tensors
-            and the padding between them (every tensor starts on a 64-byte boundary).
-        slots: per tensor slot, ``(group, piece, shape)``.
-        layout: per tensor slot, ``(group, element offset in the group, shape, strides)`` (made from ``groups``
-            and ``slots`` in :meth:`pack`, i.e. in the loader worker): :meth:`unpack` makes each tensor with one
-            ``as_strided`` of its group's buffer, instead of splitting the buffer into every piece and padding.
+        groups: per dtype, ``(dtype, byte offset, numel)`` (every tensor starts on a 64-byte boundary).
+        slots: per tensor slot, ``(group, element offset in the group, shape, strides)``: :meth:`unpack` makes
+            each tensor with one ``as_strided`` of its group's part of the buffer.
     """
 
-    def __init__(self, buffer: torch.Tensor, skeleton: bytes, groups: list, slots: list,
-                 layout: Optional[list] = None):
+    def __init__(self, buffer: torch.Tensor, skeleton: bytes, groups: list, slots: list):
         self.buffer, self.skeleton, self.groups, self.slots = buffer, skeleton, groups, slots
-        self.layout = layout if layout is not None else _layout(groups, slots)
 
     @classmethod
     def pack(cls, batch, schedules: Sequence = ()) -> "PackedBatch":
@@ -139,13 +105,13 @@ class PackedBatch:
             if t.device.type != "cpu" or t.layout != torch.strided:
                 raise ValueError("PackedBatch.pack takes a batch whose tensors are all dense and on the CPU")
         buffer, groups, slots = _pack_host(tensors)
-        return cls(buffer, out.getvalue(), groups, slots, _layout(groups, slots))
+        return cls(buffer, out.getvalue(), groups, slots)
 
     def pin_memory(self, device=None) -> "PackedBatch":
         """A copy whose buffer is in pinned memory (``DataLoader(pin_memory=True)`` calls this)."""
         if self.buffer.is_pinned():
             return self
-        return PackedBatch(self.buffer.pin_memory(), self.skeleton, self.groups, self.slots, self.layout)
+        return PackedBatch(self.buffer.pin_memory(), self.skeleton, self.groups, self.slots)
 
     def unpack(self, device="cpu"):
         """The batch on ``device``, with its prepared schedules (and plans) in its schedule cache; one
@@ -156,14 +122,11 @@ class PackedBatch:
         host = _typed(host_buf, self.groups)
         dev = host if dev_buf is host_buf else _typed(dev_buf, self.groups)
         made: Dict[Tuple[int, bool], torch.Tensor] = {}
-        layout = self.layout
 
         def view(slot: int, on_device: bool) -> torch.Tensor:
             t = made.get((slot, on_device))
             if t is None:
-                g, off, shape, strides = layout[slot]
-                base = (dev if on_device else host)[g]
-                t = made[(slot, on_device)] = base.as_strided(shape, strides, base.storage_offset() + off)
+                t = made[(slot, on_device)] = _slot_view(dev if on_device else host, self.slots[slot])
             return t
 
         batch = _Unpickler(io.BytesIO(self.skeleton), view).load()

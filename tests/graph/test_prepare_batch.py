@@ -52,7 +52,8 @@ def _assert_same_schedule(a: DAGSchedule, b: DAGSchedule):
 def test_pack_to_roundtrip_dtypes_shapes_alignment():
     ts = [torch.arange(7), torch.arange(5, dtype=torch.int32), torch.randn(3, 4), torch.tensor([True, False, True]),
           torch.randn(2, 3, dtype=torch.bfloat16), torch.zeros(0, 3), torch.tensor(2.5),
-          torch.arange(12).view(3, 4).t()]  # non-contiguous
+          torch.arange(12).view(3, 4).t(),  # non-contiguous
+          torch.zeros(2, 0, dtype=torch.float16)]  # empty, and the last bytes of the buffer
     out = _pack_to(ts, torch.device("cpu"), pin=False)
     for a, b in zip(ts, out):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
