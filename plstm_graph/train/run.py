@@ -248,8 +248,8 @@ def train_run(cfg: TrainConfig) -> Dict:
     trainer = _trainer(cfg, out, f"val_{name}", mode)
     workers = cfg.num_workers
     if workers is None:  # GPU steps are short enough for the host work of a batch to matter; on CPU they are not
-        # 4: on the H200 host two workers (the earlier default) could not keep up with the pLSTM step (collation,
-        # schedules and Triton plans are ~15 ms of host work per FreeSolv batch of 32; README, GPU throughput)
+        # 4 (was 2): headroom for each batch's collation, schedules, Triton plans and packing; on the H200 host
+        # 2 and 4 workers measured alike (README, GPU throughput), so this is not a measured gain
         workers = min(4, os.cpu_count() or 1) if trainer.strategy.root_device.type == "cuda" else 0
     data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
                               num_workers=workers, seed=cfg.seed)
