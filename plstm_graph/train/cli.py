@@ -183,7 +183,7 @@ def _config(args, model: str, seed: int, out: str):
     return TrainConfig(
         dataset=None if args.csv else dataset, csv=args.csv, smiles_column=args.smiles_column,
         target_columns=list(args.target_column), task=args.task, model=model, split=args.split, folds=args.folds,
-        fold=args.fold, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        fold=args.fold, seed=seed, init_seed=getattr(args, "init_seed", None), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
         dropout=args.dropout, local_mix=args.local_mix, layer_scale=args.layer_scale,
         plstm_lr_scale=args.plstm_lr_scale, patience=args.patience,
@@ -231,7 +231,8 @@ def _cmd_train(args) -> int:
     result = _run_guarded(train_run, cfg)
     if not result:  # non-zero DDP rank
         return 0
-    print(f"{result['dataset']} ({result['task']}, {cfg.split} split, seed {cfg.seed}, model {cfg.model}): "
+    print(f"{result['dataset']} ({result['task']}, {cfg.split} split, seed {cfg.seed}"
+          f"{'' if cfg.init_seed is None else f', init seed {cfg.init_seed}'}, model {cfg.model}): "
           f"{result['num_molecules']['train']}/{result['num_molecules']['val']}/{result['num_molecules']['test']} "
           f"train/val/test molecules, {result['epochs_run']} epochs")
     print(f"val   {_fmt(result['val'])}")
@@ -308,7 +309,8 @@ def _cmd_compare(args) -> int:
     if not models:
         raise _user_error()("--models needs at least one model")
     base = _config(args, models[0], 0, args.out)
-    result = _run_guarded(compare_models, base, models, list(range(args.seed, args.seed + args.seeds)), args.out)
+    result = _run_guarded(compare_models, base, models, list(range(args.seed, args.seed + args.seeds)), args.out,
+                          repeats=args.repeats)
     if result and result.get("summary"):
         print(format_table(result["summary"]))
         print(f"saved {args.out}/compare.json, compare.md and compare.png")
@@ -324,6 +326,9 @@ def add_parser(sub) -> None:
     _add_data_args(p)
     p.add_argument("--model", default="plstm", help=f"one of {', '.join(_MODELS)} (default plstm)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the split and the model (default 0)")
+    p.add_argument("--init-seed", type=_nonneg_int, default=None, metavar="N",
+                   help="seed of the model's initial weights, batch order and dropout only (default: --seed); "
+                        "the split stays --seed's")
     _add_train_args(p)
     p.add_argument("--out", metavar="DIR", default=None, help="run directory (default runs/<dataset>-<model>)")
     p.set_defaults(func=_cmd_train)
@@ -347,6 +352,10 @@ def add_parser(sub) -> None:
     p.add_argument("--models", nargs="+", default=list(_MODELS), help=f"default: {' '.join(_MODELS)}")
     p.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (default 3)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="first seed (default 0)")
+    p.add_argument("--repeats", type=_positive_int, default=1, metavar="K",
+                   help="trainings per split, each from other initial weights (init seeds seed, seed + 1000, "
+                        "seed + 2000, ...); the table reports the mean over splits of the per-split means "
+                        "(default 1)")
     _add_train_args(p, epochs_default=40)
     p.add_argument("--out", metavar="DIR", default="runs/compare", help="default runs/compare")
     p.set_defaults(func=_cmd_compare)

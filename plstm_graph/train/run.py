@@ -48,6 +48,7 @@ class TrainConfig:
     folds: int = 5
     fold: int = 0
     seed: int = 0
+    init_seed: Optional[int] = None  # model initialisation, batch order, dropout; None: ``seed``
     epochs: int = 40
     batch_size: int = 32
     lr: float = 3e-3
@@ -85,6 +86,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "num_layers", "num_heads", "devices", "folds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.init_seed is not None and int(self.init_seed) < 0:
+            raise ValueError(f"--init-seed must be non-negative, got {self.init_seed}")
         if self.patience < 0 or (self.num_workers or 0) < 0 or self.warmup_epochs < 0:
             raise ValueError("--patience, --num-workers and --warmup-epochs must be non-negative")
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -237,7 +240,9 @@ def train_run(cfg: TrainConfig) -> Dict:
     y_train = table.targets[[rows[i] for i in split["train"]]]
     mean, std = _scaler(table.task, y_train)
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # the split above follows cfg.seed; the model's initial weights, batch order and dropout follow init_seed
+    init_seed = cfg.seed if cfg.init_seed is None else int(cfg.init_seed)
+    pl.seed_everything(init_seed, workers=True, verbose=False)
     model_kwargs = _model_kwargs(cfg, num_tasks=len(table.target_names))
     module = MoleculeLitModule(model_kwargs, table.task, mean, std, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -252,7 +257,7 @@ def train_run(cfg: TrainConfig) -> Dict:
         # 2 and 4 workers measured alike (README, GPU throughput), so this is not a measured gain
         workers = min(4, os.cpu_count() or 1) if trainer.strategy.root_device.type == "cuda" else 0
     data = MoleculeDataModule(parts["train"], parts["val"], parts["test"], batch_size=cfg.batch_size,
-                              num_workers=workers, seed=cfg.seed)
+                              num_workers=workers, seed=init_seed)
     trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
         return {}

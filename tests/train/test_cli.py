@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("rdkit")
 pytest.importorskip("lightning")
@@ -102,6 +103,41 @@ def test_classification_and_compare(tmp_path, capsys):
     assert res["runs"][0]["task"] == "classification"
 
 
+def test_compare_repeats_train_each_split_from_other_initial_weights(tmp_path, capsys):
+    """--repeats K: K runs per split seed with init seeds s, s + 1000, ...; the same split within a seed, other
+    weights; the summary averages the repeats of a split first, then takes mean and std over splits."""
+    data = _dataset(tmp_path)
+    out = tmp_path / "rep"
+    rc = main(["compare", "--csv", data, "--smiles-column", "smiles", "--target-column", "a", "--models", "gin",
+               "--seeds", "2", "--seed", "3", "--repeats", "2", "--split", "random", "--cache-dir",
+               str(tmp_path / "c"), "--out", str(out), *TINY])
+    assert rc == 0
+    assert "| gin | 2 × 2 |" in capsys.readouterr().out
+    res = json.loads((out / "compare.json").read_text())
+    assert sorted((r["seed"], r["init_seed"]) for r in res["runs"]) == [(3, 3), (3, 1003), (4, 4), (4, 1004)]
+    per_split = [np.mean([r["test"]["rmse"] for r in res["runs"] if r["seed"] == s]) for s in (3, 4)]
+    np.testing.assert_allclose(res["summary"]["gin"]["rmse"], [np.mean(per_split), np.std(per_split)])
+    assert res["summary"]["gin"]["repeats"] == 2 and res["summary"]["gin"]["seeds"] == 2
+    first, again = (json.loads((out / d / "split.json").read_text()) for d in ("gin-seed3", "gin-seed3-init1003"))
+    assert first["test"]["rows"] == again["test"]["rows"] and first["train"]["rows"] == again["train"]["rows"]
+    w1, w2 = (torch.load(out / d / "model.pt", weights_only=False)["state_dict"]
+              for d in ("gin-seed3", "gin-seed3-init1003"))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1 if w1[k].is_floating_point())
+    cfg = json.loads((out / "gin-seed3-init1003" / "metrics.json").read_text())["config"]
+    assert cfg["seed"] == 3 and cfg["init_seed"] == 1003
+
+
+def test_init_seed_equal_to_seed_reproduces_the_default_run(tmp_path):
+    """--init-seed defaults to --seed: giving it explicitly trains the same model to the same metrics."""
+    data = _dataset(tmp_path)
+    common = ["train", "--csv", data, "--smiles-column", "smiles", "--target-column", "a", "--model", "gin",
+              "--seed", "2", "--split", "random", "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--init-seed", "2", "--out", str(tmp_path / "b")]) == 0
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    assert ma["test"] == mb["test"] and ma["val"] == mb["val"]
+
+
 @pytest.mark.parametrize("model", ["plstm", "gin"])
 def test_train_with_loader_workers(tmp_path, model):
     """--num-workers: the workers collate, prepare (pLSTM schedules) and pack; the run completes either way."""
@@ -126,7 +162,8 @@ def _err(capsys, argv):
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty_csv", "header_only", "unknown_model",
                                   "bad_epochs", "zero_epochs", "bad_lr", "bad_dropout", "no_smiles_column",
                                   "missing_model_dir", "predict_missing_column", "both_inputs", "non_numeric",
-                                  "bad_local_mix", "bad_layer_scale", "bad_plstm_lr_scale"])
+                                  "bad_local_mix", "bad_layer_scale", "bad_plstm_lr_scale", "bad_init_seed",
+                                  "zero_repeats"])
 def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
     data = _dataset(tmp_path)
     empty = tmp_path / "empty.csv"
@@ -154,6 +191,8 @@ def test_user_mistakes_are_one_line_errors(case, tmp_path, capsys):
         "bad_local_mix": ["train", "--csv", data, *base[1:], "--local-mix", "maybe"],
         "bad_layer_scale": ["train", "--csv", data, *base[1:], "--layer-scale", "-0.1"],
         "bad_plstm_lr_scale": ["train", "--csv", data, *base[1:], "--plstm-lr-scale", "0"],
+        "bad_init_seed": ["train", "--csv", data, *base[1:], "--init-seed", "-3"],
+        "zero_repeats": ["compare", "--csv", data, *base[1:], "--models", "gin", "--repeats", "0"],
     }[case]
     rc, err = _err(capsys, argv)
     assert rc != 0, case
