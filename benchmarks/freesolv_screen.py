@@ -4,8 +4,8 @@ Every (variant, seed) pair is one :func:`~plstm_graph.train.run.train_run` on th
 of ``--jobs`` worker processes; a variant is the CLI's defaults (``plstm-graph train --dataset freesolv
 --epochs 40 --lr 3e-3``) with the overrides listed in :data:`VARIANTS`. Results stream into ``OUT/runs.jsonl``
 as they finish (so a cut-off screen keeps what it finished); at the end a table of mean validation and test
-RMSE per variant, with the paired validation difference to ``base`` (mean +- standard error over seeds), is
-printed and written to ``OUT/summary.md``. ``--repeats K`` trains every split K times from other initial weights
+RMSE per variant, with the paired validation and test differences to ``base`` (mean +- standard error over
+splits), is printed and written to ``OUT/summary.md``. ``--repeats K`` trains every split K times from other initial weights
 (init seeds ``s, s + 1000, ...``, as ``plstm-graph compare --repeats K``); the table then averages the repeats
 of each split first. Select on validation only: the test column is for the report.
 
@@ -17,7 +17,8 @@ seed by seed (same code path, one thread).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -68,9 +69,6 @@ def apply_variant(name: str) -> dict:
 
 def _run(job):
     """One training in a fresh worker process (the pool runs one job per process: patches never leak)."""
-    import contextlib
-    import io
-
     name, seed, init, out, cache, epochs = job
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -132,15 +130,13 @@ def main() -> None:
     cache = str(out / "cache")
     # featurise once in this process so that the workers only read the cache (a worker runs one job and exits:
     # the patches of a variant never reach another)
+    from plstm_graph.train.compare import INIT_SEED_STRIDE
     from plstm_graph.train.run import TrainConfig, train_run
-
-    import contextlib
-    import io
 
     with contextlib.redirect_stdout(io.StringIO()):
         train_run(TrainConfig(dataset="freesolv", epochs=1, progress=False, accelerator="cpu", cache_dir=cache,
                               out=str(out / "warmup")))
-    jobs = [(v, s, s + 1000 * k, str(out), cache, args.epochs)
+    jobs = [(v, s, s + INIT_SEED_STRIDE * k, str(out), cache, args.epochs)
             for k in range(args.repeats) for s in args.seeds for v in args.variants]  # seed-major: balanced if cut
     rows: List[dict] = []
     with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool, open(out / "runs.jsonl", "a") as f:

@@ -183,7 +183,8 @@ def _config(args, model: str, seed: int, out: str):
     return TrainConfig(
         dataset=None if args.csv else dataset, csv=args.csv, smiles_column=args.smiles_column,
         target_columns=list(args.target_column), task=args.task, model=model, split=args.split, folds=args.folds,
-        fold=args.fold, seed=seed, init_seed=getattr(args, "init_seed", None), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        fold=args.fold, seed=seed, init_seed=getattr(args, "init_seed", None),  # train only; compare sets its own
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=args.hidden, num_layers=args.layers, num_heads=args.heads,
         dropout=args.dropout, local_mix=args.local_mix, layer_scale=args.layer_scale,
         plstm_lr_scale=args.plstm_lr_scale, patience=args.patience,
