@@ -389,9 +389,9 @@ class PLSTMGraphLayer(nn.Module):
         if not self._fused_gates(x):
             return False
         if self.backend == "auto":
-            from ..ops.dag import _triton_dag_available
+            from ..ops.dag import _auto_takes_triton
 
-            return x.is_cuda and _triton_dag_available()
+            return _auto_takes_triton(x)  # the operator's own "auto" rule
         return self.backend == "triton"
 
     def heads(self, x: torch.Tensor, schedule, edge_attr: Optional[torch.Tensor] = None,

@@ -32,8 +32,13 @@ _BACKENDS = ("reference", "levels", "parallel", "paths", "triton")
 AUTO_PARALLEL_MAX_NODES = 128
 
 
+def _auto_takes_triton(q: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs on the Triton kernels for tensors like ``q``: CUDA with triton."""
+    return q.is_cuda and _triton_dag_available()
+
+
 def _auto_backend(q: torch.Tensor, schedule: DAGSchedule) -> str:
-    if q.is_cuda and _triton_dag_available():
+    if _auto_takes_triton(q):
         return "triton"
     if not q.is_cuda and auto_takes_paths(schedule):
         return "paths"
